@@ -1,0 +1,144 @@
+"""The shard set format: the one place both packing and loading read it from.
+
+A shard set is a folder holding `manifest.json`, `labels.txt` and tar shards
+(`train-labeled-NNNNNN.tar`, `train-unlabeled-NNNNNN.tar`, `val-NNNNNN.tar`), each with a DALI
+index (`.idx`, the `wds2idx` format). Each sample in a tar is a group of members sharing a key:
+
+- `<key>.jpg`  JPEG bytes
+- `<key>.cls`  ASCII class index; `-1` in unlabeled shards (the label mask)
+- `<key>.lbl`  the same class index as 4 bytes little-endian int32, so DALI reads it with no callback
+- `<key>.json` optional: source path and original size
+
+Keys hold no dots and are unique across the whole set; a training key does not change when the
+set is re-split, so one image keeps its key whether it is labeled or not.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+LABELS_NAME = "labels.txt"
+
+TRAIN_LABELED = "train-labeled"
+TRAIN_UNLABELED = "train-unlabeled"
+VAL = "val"
+SPLITS = (TRAIN_LABELED, TRAIN_UNLABELED, VAL)
+
+IMAGE_EXT = "jpg"
+CLASS_EXT = "cls"
+LABEL_EXT = "lbl"
+META_EXT = "json"
+SAMPLE_EXTS = (IMAGE_EXT, CLASS_EXT, LABEL_EXT)
+NO_LABEL = -1
+
+
+class ShardFormatError(Exception):
+    """A shard set that cannot be read as one; the message names the file and the fix."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def index_name(shard: str) -> str:
+    """The DALI index file that sits beside a shard."""
+    return shard[:-4] + ".idx" if shard.endswith(".tar") else shard + ".idx"
+
+
+def encode_label(label: int) -> bytes:
+    return struct.pack("<i", int(label))
+
+
+def decode_label(raw: bytes) -> int:
+    return struct.unpack("<i", raw)[0]
+
+
+def encode_class(label: int) -> bytes:
+    return str(int(label)).encode("ascii")
+
+
+def decode_class(raw: bytes) -> int:
+    return int(raw.decode("ascii").strip())
+
+
+@dataclass
+class SplitInfo:
+    shards: list[str] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(self.counts))
+
+
+@dataclass
+class Manifest:
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    label_split: dict  # how labels were chosen: {"method", "seed", "labels_per_class"|"fraction"|"file"}
+    image: dict  # {"max_side", "quality"}
+    skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]
+    tool_version: str = ""
+    format_version: int = FORMAT_VERSION
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> SplitInfo:
+        return self.splits.get(name) or SplitInfo()
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str = MANIFEST_NAME) -> Manifest:
+        try:
+            version = int(data["format_version"])
+            if version > FORMAT_VERSION:
+                raise ShardFormatError(
+                    f"{path}: format version {version} is newer than this mt-scale reads "
+                    f"({FORMAT_VERSION}); upgrade mt-scale"
+                )
+            splits = {name: SplitInfo(**info) for name, info in data["splits"].items()}
+            return cls(
+                classes=list(data["classes"]),
+                splits=splits,
+                label_split=dict(data["label_split"]),
+                image=dict(data["image"]),
+                skipped=list(data.get("skipped", [])),
+                tool_version=data.get("tool_version", ""),
+                format_version=version,
+                source=data.get("source", ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardFormatError(
+                f"{path}: not a valid mt-scale manifest ({exc!r}); re-pack the set with mt-shard pack"
+            ) from None
+
+
+def read_manifest(shard_dir: str | Path) -> Manifest:
+    path = Path(shard_dir) / MANIFEST_NAME
+    if not Path(shard_dir).is_dir():
+        raise ShardFormatError(f"{shard_dir}: no such shard set folder; pack one with mt-shard pack")
+    if not path.is_file():
+        raise ShardFormatError(f"{path}: missing; this folder is not a shard set (pack one with mt-shard pack)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ShardFormatError(f"{path}: unreadable manifest ({exc}); re-pack the set") from None
+    return Manifest.from_dict(data, str(path))
+
+
+def shard_paths(shard_dir: str | Path, split: str) -> list[str]:
+    """Absolute paths of a split's shards, in manifest order."""
+    manifest = read_manifest(shard_dir)
+    return [str(Path(shard_dir) / name) for name in manifest.split(split).shards]
