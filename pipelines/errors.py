@@ -1,0 +1,7 @@
+"""The one exception type the pipelines package raises for problems a user can cause."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """A shard set, config or image the loaders cannot use; the message names the file and the fix."""
