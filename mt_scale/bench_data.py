@@ -1,0 +1,292 @@
+"""mt-bench's data stages: packing vs a plain TarWriter loop, and two-view loading vs the reference loader.
+
+The baselines live here because they are what a user would otherwise run: the reference code's
+loader (torchvision ImageFolder + PIL + its exact ImageNet train transform applied twice + a
+DataLoader with one worker per core) and the decode-only ceiling (PIL decode of the same files in one
+process per core, nothing else), which bounds any JPEG pipeline on this CPU.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mt_scale.bench_common import Stopwatch, figure, usable_cores
+from mt_scale.errors import MtScaleError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def prepare_tree(
+    images: str | Path | None, work_dir: Path, count: int, size: tuple[int, int], seed: int
+) -> Path:
+    """The ImageFolder-style tree to measure: `images` as given, or photos generated into work_dir."""
+    if images is not None:
+        root = Path(images)
+        if not training_folder(root).is_dir() or not list_images(training_folder(root)):
+            raise MtScaleError(
+                f"{root}: no ImageFolder-style tree of JPEGs (<dir>/<class>/*.jpg or <dir>/train/<class>/*.jpg); "
+                "point --images at one, or leave it out to generate photos"
+            )
+        return root
+    from shard_tools.samples import write_photo_tree
+
+    root = work_dir / "photos"
+    if not training_folder(root).is_dir():
+        write_photo_tree(root, count=count, num_classes=10, size=size, seed=seed)
+    return root
+
+
+def training_folder(root: Path) -> Path:
+    """ImageNet layout keeps the training classes under train/; a bare class tree is its own train set."""
+    return root / "train" if (root / "train").is_dir() else root
+
+
+def list_images(train_dir: Path) -> list[tuple[Path, int]]:
+    """(path, class index) for every image, in torchvision ImageFolder's order (sorted classes, files)."""
+    classes = (
+        sorted(entry.name for entry in train_dir.iterdir() if entry.is_dir()) if train_dir.is_dir() else []
+    )
+    samples = []
+    for index, name in enumerate(classes):
+        for path in sorted((train_dir / name).rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                samples.append((path, index))
+    return samples
+
+
+def pack_tree(tree: Path, out_dir: Path, workers: int, max_side: int | None = None):
+    """The product's packer (what `mt-shard pack` runs), quiet, on the benchmark tree."""
+    from shard_tools.pack import pack
+
+    return pack(
+        tree, out_dir, label_fraction=0.25, seed=0, max_side=max_side, workers=workers, progress=False
+    )
+
+
+# --------------------------------------------------------------------------- pack
+
+
+def tarwriter_loop(samples: list[tuple[Path, int]], out_dir: Path, shard_size: int = 1000) -> int:
+    """The plain alternative to the packer: one process, webdataset's TarWriter, same members per sample."""
+    import webdataset as wds
+
+    from shard_tools.format import CLASS_EXT, IMAGE_EXT, LABEL_EXT, encode_class, encode_label
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for start in range(0, len(samples), shard_size):
+        with wds.TarWriter(str(out_dir / f"loop-{start // shard_size:06d}.tar")) as sink:
+            for path, label in samples[start : start + shard_size]:
+                sink.write(
+                    {
+                        "__key__": f"{written:09d}",
+                        IMAGE_EXT: path.read_bytes(),
+                        CLASS_EXT: encode_class(label),
+                        LABEL_EXT: encode_label(label),
+                    }
+                )
+                written += 1
+    return written
+
+
+def bench_pack(
+    tree: Path, work_dir: Path, repeats: int, max_side: int, workers: int | None = None
+) -> list[dict]:
+    """Images/s of the packer with 1 and all workers, with and without max_side, and of the plain loop.
+
+    Variants run interleaved within each repeat so a change in machine load hits them all alike.
+    """
+    workers = workers or usable_cores()
+    samples = list_images(training_folder(tree))
+    total = len(samples) + len(list_images(tree / "val")) if (tree / "train").is_dir() else len(samples)
+    variants: list[tuple[str, Callable[[Path], object], dict]] = [
+        ("pack/workers_1", lambda out: pack_tree(tree, out, 1), {"workers": 1, "max_side": None}),
+        (
+            "pack/workers_all",
+            lambda out: pack_tree(tree, out, workers),
+            {"workers": workers, "max_side": None},
+        ),
+        (
+            "pack/workers_1_max_side",
+            lambda out: pack_tree(tree, out, 1, max_side),
+            {"workers": 1, "max_side": max_side},
+        ),
+        (
+            "pack/workers_all_max_side",
+            lambda out: pack_tree(tree, out, workers, max_side),
+            {"workers": workers, "max_side": max_side},
+        ),
+        ("pack/tarwriter_loop", lambda out: tarwriter_loop(samples, out), {"workers": 1, "max_side": None}),
+    ]
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    counts: dict[str, int] = {}
+    for repeat in tqdm(range(repeats), desc="pack", unit="repeat"):
+        for name, run, _ in variants:
+            out = work_dir / f"pack-{repeat}-{name.split('/')[1]}"
+            with Stopwatch() as watch:
+                result = run(out)
+            counts[name] = result if isinstance(result, int) else total
+            rates[name].append(counts[name] / watch.seconds)
+            shutil.rmtree(out, ignore_errors=True)
+    return [figure(name, "img/s", rates[name], images=counts[name], **detail) for name, _, detail in variants]
+
+
+# --------------------------------------------------------------------------- pipeline baselines
+
+
+class TransformTwice:
+    """Two independent draws of one transform: the reference's student and teacher views."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image), self.transform(image)
+
+
+def reference_train_transform() -> Callable:
+    """The reference code's ImageNet training transform (mean_teacher/datasets.py, imagenet())."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.RandomRotation(10),
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
+
+
+def reference_loader(train_dir: Path, batch_size: int, workers: int) -> Iterable:
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(train_dir), transform=TransformTwice(reference_train_transform()))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
+
+
+def _decode(path: str) -> int:
+    from PIL import Image
+
+    # torchvision's pil_loader does exactly this: open, convert to RGB (which decodes).
+    with open(path, "rb") as handle:
+        image = Image.open(handle).convert("RGB")
+    return image.width
+
+
+def decode_epoch(pool, paths: list[str]) -> int:
+    return sum(1 for _ in pool.imap_unordered(_decode, paths, chunksize=16))
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _our_loader_epoch(loaders, mean, std) -> int:
+    from pipelines import normalize
+
+    images = 0
+    for batch in loaders.train:
+        # Count the work a training step needs before its forward pass: both views as float tensors,
+        # which is what the reference loader hands over too.
+        normalize(batch["student"], mean, std)
+        normalize(batch["teacher"], mean, std)
+        images += int(batch["student"].shape[0])
+    return images
+
+
+def _reference_epoch(loader) -> int:
+    images = 0
+    for (student, _teacher), _labels in loader:
+        images += int(student.shape[0])
+    return images
+
+
+def bench_pipeline(
+    tree: Path,
+    work_dir: Path,
+    repeats: int,
+    batch_size: int = 64,
+    labeled_per_batch: int = 16,
+    workers: int | None = None,
+    backends: tuple[str, ...] = ("dali", "torch"),
+) -> list[dict]:
+    """Two-view training images/s: our backends, the reference-style loader and the decode ceiling.
+
+    Every contender runs one untimed warm-up epoch, then `repeats` timed epochs interleaved; an epoch
+    is timed from asking for its first batch to its last (worker start-up included for all alike).
+    """
+    from pipelines import build_loaders
+    from pipelines.config import DataConfig
+
+    workers = workers or usable_cores()
+    train_dir = training_folder(tree)
+    samples = list_images(train_dir)
+    shard_dir = work_dir / "pipeline-shards"
+    if not (shard_dir / "manifest.json").is_file():
+        pack_tree(tree, shard_dir, workers)
+    cfg = DataConfig(
+        batch_size=batch_size,
+        labeled_per_batch=labeled_per_batch,
+        student_aug="imagenet-train",
+        teacher_aug="imagenet-train",
+        eval_aug="imagenet-eval",
+        workers=workers,
+        seed=0,
+    )
+    contenders: list[tuple[str, Callable[[], int], dict]] = []
+    for backend in backends:
+        loaders = build_loaders(shard_dir, cfg, backend=backend)
+        contenders.append(
+            (
+                f"pipeline/{backend}",
+                lambda loaders=loaders: _our_loader_epoch(loaders, cfg.mean, cfg.std),
+                {"backend": loaders.backend, "workers": workers, "batch_size": batch_size},
+            )
+        )
+    reference = reference_loader(train_dir, batch_size, workers)
+    contenders.append(
+        (
+            "pipeline/reference",
+            lambda: _reference_epoch(reference),
+            {"workers": workers, "batch_size": batch_size, "transform": "reference ImageNet train, twice"},
+        )
+    )
+    paths = [str(path) for path, _ in samples]
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    contenders.append(
+        (
+            "pipeline/decode_ceiling",
+            lambda: decode_epoch(pool, paths),
+            {"processes": workers, "decoder": "PIL"},
+        )
+    )
+    try:
+        rates: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+        counts: dict[str, int] = {}
+        for _name, run, _ in tqdm(contenders, desc="pipeline warm-up", unit="loader"):
+            run()
+        for _ in tqdm(range(repeats), desc="pipeline", unit="repeat"):
+            for name, run, _ in contenders:
+                with Stopwatch() as watch:
+                    counts[name] = run()
+                rates[name].append(counts[name] / watch.seconds)
+    finally:
+        pool.terminate()
+        pool.join()
+    return [
+        figure(
+            name, "img/s", rates[name], images_per_epoch=counts[name], source_images=len(samples), **detail
+        )
+        for name, _, detail in contenders
+    ]
