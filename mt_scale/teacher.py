@@ -1,0 +1,126 @@
+"""The EMA teacher: a gradient-free copy of the student whose weights average the student's.
+
+After every optimizer step (after `step += 1`, as the reference's main.train does) call
+`update_teacher(teacher, student, ema_decay, step)`:
+
+    alpha = min(1 - 1 / (step + 1), ema_decay)
+    teacher_param = alpha * teacher_param + (1 - alpha) * student_param
+
+for every parameter, as one fused `torch._foreach_lerp_` over all tensors (no Python loop over
+tensors). At step 1 alpha is 0.5, at step k it is 1 - 1/(k+1), so until the decay caps it the
+teacher is the plain mean of the student's weights after steps 0..k ("the true average until
+the exponential average is more correct"). Teacher parameters stay float32: bf16/fp16 autocast
+changes activations, never the parameters, and a low-precision student is cast up per update.
+
+BatchNorm rule (the reference's): buffers are NOT averaged or copied from the student. The
+teacher runs in train mode during training, so each teacher forward pass on its own input view
+normalises with that batch's statistics and updates the teacher's running_mean/running_var
+(and num_batches_tracked) itself. Evaluation (teacher.eval()) then uses those running averages,
+which describe the activations of the teacher's own weights. Under DDP each rank's teacher sees
+its own data, so `update_teacher` averages the teacher's floating-point buffers over the ranks
+(one all-reduce of a flat buffer, a few MB for ResNet-152) whenever torch.distributed is
+initialised with world size > 1: the result is the same teacher on every rank.
+
+Students wrapped by DistributedDataParallel/DataParallel (`.module`) or torch.compile
+(`._orig_mod`) are unwrapped; the teacher itself is never wrapped in DDP.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module under any DDP/DataParallel (`.module`) and torch.compile (`._orig_mod`) layers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def create_teacher(student: nn.Module) -> nn.Module:
+    """A deep copy of the (unwrapped) student in train mode, float32, with requires_grad off."""
+    teacher = copy.deepcopy(unwrap_model(student))
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+        if param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+    teacher.train()  # the reference keeps the teacher in train mode while training (see docstring)
+    return teacher
+
+
+def ema_alpha(decay: float, step: int) -> float:
+    """The teacher's keep-fraction after optimizer step `step` (1-based): min(1 - 1/(step+1), decay)."""
+    return min(1.0 - 1.0 / (step + 1), decay)
+
+
+@torch.no_grad()
+def update_teacher(
+    teacher: nn.Module, student: nn.Module, decay: float, step: int, *, sync_buffers: bool = True
+) -> float:
+    """Move the teacher's parameters towards the student's; returns the alpha used.
+
+    `step` is the optimizer step count AFTER the step just taken (1 after the first step).
+    With `sync_buffers` and an initialised process group of more than one rank, the teacher's
+    floating-point buffers (BatchNorm running statistics) are averaged across ranks.
+    """
+    alpha = ema_alpha(decay, step)
+    teacher_params, student_params = _paired_parameters(teacher, student)
+    if all(s.dtype == t.dtype for s, t in zip(student_params, teacher_params, strict=True)):
+        # lerp_(end, weight): t + weight * (s - t) = alpha * t + (1 - alpha) * s
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - alpha)
+    else:
+        # low-precision student: add_ promotes in-kernel, so no fp32 copies of the student are made
+        torch._foreach_mul_(teacher_params, alpha)
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - alpha)
+    if sync_buffers:
+        sync_teacher_buffers(teacher)
+    return alpha
+
+
+@torch.no_grad()
+def ema_update_loop(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> float:
+    """The reference's per-parameter update (`mul_` then `add_` per tensor); for tests and mt-bench."""
+    alpha = ema_alpha(decay, step)
+    for teacher_param, student_param in zip(
+        teacher.parameters(), unwrap_model(student).parameters(), strict=True
+    ):
+        teacher_param.mul_(alpha).add_(student_param, alpha=1.0 - alpha)
+    return alpha
+
+
+@torch.no_grad()
+def sync_teacher_buffers(teacher: nn.Module) -> None:
+    """Average the teacher's floating-point buffers over all ranks; a no-op in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    buffers = [b for b in teacher.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for buffer in buffers:
+        buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
+
+
+def _paired_parameters(
+    teacher: nn.Module, student: nn.Module
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    teacher_params = [p.detach() for p in unwrap_model(teacher).parameters()]
+    student_params = [p.detach() for p in unwrap_model(student).parameters()]
+    if len(teacher_params) != len(student_params):
+        raise ValueError(
+            f"teacher has {len(teacher_params)} parameter tensors, student {len(student_params)}: "
+            "build the teacher with create_teacher(student)"
+        )
+    return teacher_params, student_params
