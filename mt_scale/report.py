@@ -1,0 +1,173 @@
+"""A run's written record: metrics.csv (one row per log step or evaluation), report.json, curves.png.
+
+Only the main process writes; every file is written under a temporary name and renamed when
+complete, except metrics.csv, which is appended row by row and trimmed back to the resumed step
+when a run continues from a checkpoint (so no row is ever duplicated).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+METRICS_NAME = "metrics.csv"
+REPORT_NAME = "report.json"
+CURVES_NAME = "curves.png"
+
+# Training rows fill the loss/LR/throughput columns, evaluation rows the error columns.
+METRIC_FIELDS = (
+    "step",
+    "epoch",
+    "kind",
+    "loss",
+    "class_loss",
+    "consistency_loss",
+    "logit_distance_loss",
+    "teacher_class_loss",
+    "consistency_weight",
+    "lr",
+    "images_per_sec",
+    "student_top1_error",
+    "student_top5_error",
+    "student_loss",
+    "teacher_top1_error",
+    "teacher_top5_error",
+    "teacher_loss",
+)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary name in the same folder, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends rows with the fixed METRIC_FIELDS columns to `run_dir/metrics.csv`."""
+
+    def __init__(self, run_dir: str | Path, *, resume_step: int | None = None) -> None:
+        self.path = Path(run_dir) / METRICS_NAME
+        if resume_step is not None and self.path.is_file():
+            self._trim(resume_step)
+        new_file = not self.path.is_file()
+        self._file = open(self.path, "a", newline="")  # noqa: SIM115 - kept open for the run
+        self._writer = csv.DictWriter(self._file, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        if new_file:
+            self._writer.writeheader()
+            self._file.flush()
+
+    def _trim(self, resume_step: int) -> None:
+        # Rows past the checkpoint were written by the killed run; the resumed run writes them again.
+        rows = read_metrics(self.path)
+        kept = [row for row in rows if row["step"] is not None and row["step"] <= resume_step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            for row in kept:
+                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        os.replace(tmp, self.path)
+
+    def write(self, row: Mapping[str, object]) -> None:
+        clean = {}
+        for key, value in row.items():
+            if isinstance(value, float):
+                value = f"{value:.6g}"
+            clean[key] = value
+        self._writer.writerow(clean)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float | str | None]]:
+    """metrics.csv as a list of dicts: numbers as float (step and epoch too), blanks as None."""
+    rows = []
+    with open(path, newline="") as handle:
+        for raw in csv.DictReader(handle):
+            row: dict[str, float | str | None] = {}
+            for key, value in raw.items():
+                if value in ("", None):
+                    row[key] = None
+                elif key == "kind":
+                    row[key] = value
+                else:
+                    row[key] = float(value)
+            rows.append(row)
+    return rows
+
+
+def write_report(run_dir: str | Path, report: Mapping[str, object]) -> Path:
+    path = Path(run_dir) / REPORT_NAME
+    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def best_errors(rows: list[dict]) -> dict[str, float | None]:
+    """Lowest student/teacher top-1 and top-5 error over all evaluation rows."""
+    best: dict[str, float | None] = {}
+    for name in ("student_top1_error", "student_top5_error", "teacher_top1_error", "teacher_top5_error"):
+        values = [row[name] for row in rows if row.get("kind") == "eval" and row.get(name) is not None]
+        best[name] = min(values) if values else None
+    return best
+
+
+def plot_curves(run_dir: str | Path, title: str = "") -> Path:
+    """curves.png: training losses (left) and student/teacher top-1 error (right) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / METRICS_NAME)
+    train_rows = [row for row in rows if row.get("kind") == "train"]
+    eval_rows = [row for row in rows if row.get("kind") == "eval"]
+    fig, (loss_ax, error_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (
+        ("loss", "total"),
+        ("class_loss", "class (student)"),
+        ("teacher_class_loss", "class (teacher)"),
+        ("consistency_loss", "consistency"),
+    ):
+        points = [(row["step"], row[key]) for row in train_rows if _finite(row.get(key))]
+        if points and any(value for _, value in points):
+            loss_ax.plot(*zip(*points, strict=True), label=label)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("training losses")
+    loss_ax.legend()
+    for key, label, style in (
+        ("student_top1_error", "student top-1", "-"),
+        ("teacher_top1_error", "teacher top-1", "-"),
+        ("student_top5_error", "student top-5", ":"),
+        ("teacher_top5_error", "teacher top-5", ":"),
+    ):
+        points = [(row["step"], row[key]) for row in eval_rows if _finite(row.get(key))]
+        if points:
+            error_ax.plot(*zip(*points, strict=True), style, marker="o", markersize=3, label=label)
+    error_ax.set_xlabel("step")
+    error_ax.set_ylabel("val error")
+    error_ax.set_ylim(0, 1)
+    error_ax.set_title("validation error")
+    error_ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = run_dir / CURVES_NAME
+    tmp = run_dir / f".{CURVES_NAME}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, float) and math.isfinite(value)

@@ -1,0 +1,463 @@
+"""The Mean Teacher training loop: `mt-train` / `accelerate launch -m mt_scale.train`.
+
+One straight loop (the reference's main.train): per batch, the teacher (EMA of the student, never
+DDP-wrapped, in train mode) sees the teacher view under no_grad; the student sees the student view;
+the class loss over the labeled rows plus the ramped consistency and logit-distance terms (each
+divided by the whole minibatch size) is backpropagated; after each optimizer step the step count
+goes up and the teacher moves towards the student. Accelerate places the models, wraps the student
+in DDP across processes, applies bf16/fp16 autocast and gradient accumulation; nothing here
+creates process groups. The loaders are NOT prepared by Accelerate: the pipelines already give
+each rank its own shards (preparing them would shard a second time).
+
+Supervised-only (`mt.enabled=false`) shares every line: batches are all labeled and the
+consistency weight is 0; the teacher is still the EMA of the student and is evaluated too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mt_scale.checkpoint import (
+    EXPORT_NAME,
+    TrainState,
+    checkpoint_dirs,
+    export_teacher,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from mt_scale.errors import MtScaleError
+from mt_scale.evaluate import evaluate
+from mt_scale.report import MetricsWriter, best_errors, plot_curves, read_metrics, write_report
+
+TENSORBOARD_DIR = "tensorboard"
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass
+class TrainResult:
+    """What `train` hands back: the report (also in report.json), the run folder and the teacher."""
+
+    report: dict[str, Any]
+    run_dir: Path
+    teacher: torch.nn.Module
+
+
+def build_parser(prog: str = "mt-train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a Mean Teacher (or supervised-only) image classifier on a shard set. "
+        "Many processes/GPUs/nodes: accelerate launch [flags] -m mt_scale.train <same arguments>.",
+    )
+    parser.add_argument("--preset", help="preset name (mt_scale/presets/*.yaml)")
+    parser.add_argument("--config", help="YAML file applied over the preset")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one field, e.g. --set run.epochs=10 --set mt.enabled=false (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument(
+        "--resume", nargs="?", const="", default=None, metavar="DIR",
+        help="continue from the latest checkpoint of run.output_dir, or of DIR (a run folder or a checkpoint)",
+    )  # fmt: skip
+    parser.add_argument("--keep", type=int, default=None, metavar="N", help="keep the newest N checkpoints (0 = all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--stop-after-steps", type=int, default=None, metavar="N",
+        help="checkpoint and stop after N optimizer steps (as if the job were pre-empted there)",
+    )  # fmt: skip
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Any:
+    from mt_scale.config import load_config
+
+    return load_config(preset=args.preset, config_file=args.config, overrides=list(args.overrides))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point shared by `mt-train` and `python -m mt_scale.train`; returns the exit status."""
+    from pipelines.errors import PipelineError
+    from shard_tools.format import ShardFormatError
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        if args.print_config:
+            from mt_scale.config import config_to_yaml
+
+            sys.stdout.write(config_to_yaml(cfg))
+            return 0
+        train(
+            cfg,
+            resume=args.resume,
+            keep=args.keep,
+            progress=not args.no_progress,
+            stop_after_steps=args.stop_after_steps,
+        )
+    except (MtScaleError, PipelineError, ShardFormatError) as exc:
+        _error_line(exc)
+        return 2
+    return 0
+
+
+def _error_line(exc: Exception) -> None:
+    # Every rank hits the same user error; one line from the first process is enough.
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        message = " ".join(str(exc).split())
+        print(f"mt-train: error: {message}", file=sys.stderr)
+
+
+def train(
+    cfg: Any,
+    *,
+    resume: str | Path | None = None,
+    keep: int | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Run (or continue, with `resume`) one training run described by `cfg`; see the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from mt_scale.config import config_to_dict, config_to_yaml
+    from mt_scale.losses import consistency_weight, mean_teacher_loss
+    from mt_scale.model import compile_model, create_model
+    from mt_scale.optim import create_optimizer, create_scheduler
+    from mt_scale.teacher import create_teacher, sync_teacher_buffers, update_teacher
+    from pipelines import build_loaders, normalize
+
+    if not cfg.mt.enabled:
+        cfg.data.labeled_per_batch = cfg.data.batch_size  # supervised-only: every row labeled
+    run_dir = Path(cfg.run.output_dir)
+    keep = cfg.run.keep_checkpoints if keep is None else keep
+    if cfg.run.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise MtScaleError("run.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    accelerator = Accelerator(
+        mixed_precision=cfg.run.mixed_precision,
+        gradient_accumulation_steps=cfg.run.grad_accum_steps,
+        step_scheduler_with_optimizer=False,  # the schedule is per optimizer step; we step it ourselves
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+    )
+    main_process = accelerator.is_main_process
+    _prepare_run_dir(accelerator, run_dir, resuming=resume is not None)
+
+    loaders = build_loaders(
+        cfg.run.shards, cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes
+    )
+    num_classes = loaders.num_classes
+    _check_classes(cfg, num_classes)
+    # Every rank must take the same number of steps (DDP); the shortest rank decides.
+    batches_per_epoch = int(
+        accelerator.gather(torch.tensor([len(loaders.train)], device=accelerator.device)).min()
+    )
+    accum = cfg.run.grad_accum_steps
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise MtScaleError(
+            f"{cfg.run.shards}: one epoch gives {batches_per_epoch} batches per rank, fewer than "
+            f"run.grad_accum_steps={accum}; lower data.batch_size or run.grad_accum_steps"
+        )
+    batches_per_epoch = steps_per_epoch * accum
+    total_steps = cfg.run.epochs * steps_per_epoch
+
+    set_seed(cfg.run.seed)  # the same initial student on every rank
+    student = create_model(cfg.model, num_classes)
+    optimizer = create_optimizer(cfg.optim, student)
+    scheduler = create_scheduler(cfg.optim, optimizer, steps_per_epoch)
+    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    student = compile_model(student, cfg.model)
+    teacher = create_teacher(student).to(accelerator.device)
+    set_seed(cfg.run.seed, device_specific=True)  # dropout etc. differ across ranks
+    state = TrainState(world_size=accelerator.num_processes, class_names=list(loaders.class_names))
+    accelerator.register_for_checkpointing(teacher, state)
+
+    if resume is not None:
+        checkpoint = resolve_checkpoint(resume, run_dir)
+        load_checkpoint(accelerator, checkpoint, state, loaders)
+        accelerator.print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
+    if main_process:
+        (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg))
+        metrics = MetricsWriter(run_dir, resume_step=state.step if resume is not None else None)
+    accelerator.init_trackers(TENSORBOARD_DIR, config=_flat_hparams(config_to_dict(cfg)))
+
+    mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
+    channels_last = bool(cfg.model.channels_last)
+    device = accelerator.device
+    images_per_batch = cfg.data.batch_size * accelerator.num_processes
+    last_eval: dict[str, float] = {}
+
+    def run_eval() -> dict[str, float]:
+        # BatchNorm statistics differ per rank until averaged; average so every rank scores one model.
+        unwrapped = accelerator.unwrap_model(student)
+        sync_teacher_buffers(unwrapped)
+        result: dict[str, float] = {}
+        for name, model in (("student", unwrapped), ("teacher", teacher)):
+            scores = evaluate(model, loaders.val, accelerator, mean=mean, std=std, channels_last=channels_last)
+            result.update({f"{name}_{key}": value for key, value in scores.items() if key != "count"})
+            result["val_count"] = scores["count"]
+        row = {"step": state.step, "epoch": state.step / steps_per_epoch, "kind": "eval", **result}
+        if main_process:
+            metrics.write(row)
+        accelerator.log({f"val/{k}": v for k, v in result.items() if k != "val_count"}, step=state.step)
+        return result
+
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (main_process and progress), unit="step")
+    window = {"loss": 0.0, "class": 0.0, "consistency": 0.0, "logit_distance": 0.0, "teacher_class": 0.0}
+    window_batches, window_start, stopped = 0, time.perf_counter(), False
+    run_start = time.perf_counter()
+    student.train()
+    teacher.train()
+    while state.epoch < cfg.run.epochs and not stopped:
+        loaders.set_epoch(state.epoch)
+        batches = iter(loaders.train)
+        while state.batch_in_epoch < batches_per_epoch:
+            batch_start = time.perf_counter()
+            batch = next(batches)
+            epoch_position = state.epoch + state.batch_in_epoch / batches_per_epoch
+            weight = consistency_weight(cfg.mt, epoch_position)
+            student_in = normalize(batch["student"].to(device, non_blocking=True), mean, std, channels_last=channels_last)
+            teacher_in = normalize(batch["teacher"].to(device, non_blocking=True), mean, std, channels_last=channels_last)
+            labels = batch["label"].to(device, non_blocking=True)
+            try:
+                with accelerator.accumulate(student):
+                    with torch.no_grad(), accelerator.autocast():
+                        # Always run: in train mode this pass updates the teacher's BatchNorm statistics.
+                        teacher_out = teacher(teacher_in)
+                    student_out = student(student_in)
+                    losses = mean_teacher_loss(
+                        student_out,
+                        teacher_out,
+                        labels,
+                        consistency_weight=weight,
+                        consistency=cfg.mt.consistency,
+                        logit_distance_cost=cfg.mt.logit_distance_cost,
+                    )
+                    accelerator.backward(losses["total"])
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            except RuntimeError as exc:
+                raise _memory_error(exc, cfg) from None
+            state.batch_in_epoch += 1
+            state.images_seen += images_per_batch
+            state.train_seconds += time.perf_counter() - batch_start  # loading included: end-to-end rate
+            for key, value in losses.items():
+                window["loss" if key == "total" else key] += float(value.detach())
+            window_batches += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            update_teacher(teacher, student, cfg.mt.ema_decay, state.step)
+            if not math.isfinite(window["loss"]):
+                raise MtScaleError(
+                    f"loss is {window['loss']} at step {state.step}: training diverged; lower optim.lr "
+                    "(or mt.consistency_weight) in the preset"
+                )
+            bar.update(1)
+            if state.step % cfg.run.log_every_steps == 0 or state.step == total_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                row = {key: value / window_batches for key, value in window.items()}
+                row = {
+                    "step": state.step,
+                    "epoch": epoch_position,
+                    "kind": "train",
+                    "loss": row["loss"],
+                    "class_loss": row["class"],
+                    "consistency_loss": row["consistency"],
+                    "logit_distance_loss": row["logit_distance"],
+                    "teacher_class_loss": row["teacher_class"],
+                    "consistency_weight": weight,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_sec": window_batches * cfg.data.batch_size * accelerator.num_processes / elapsed,
+                }
+                if main_process:
+                    metrics.write(row)
+                accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "kind")}, step=state.step)
+                bar.set_postfix(
+                    loss=f"{row['loss']:.3f}", cons=f"{row['consistency_loss']:.3f}",
+                    lr=f"{row['lr']:.3g}", img_s=f"{row['images_per_sec']:.0f}",
+                )  # fmt: skip
+                window = dict.fromkeys(window, 0.0)
+                window_batches, window_start = 0, time.perf_counter()
+            if stop_after_steps is not None and state.step >= stop_after_steps:
+                stopped = True
+                break
+        if stopped:
+            break
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        epoch_done = state.epoch
+        if epoch_done < cfg.run.epochs and cfg.run.eval_every_epochs and epoch_done % cfg.run.eval_every_epochs == 0:
+            last_eval = run_eval()
+            bar.write(_eval_line(state.step, last_eval)) if main_process and progress else None
+        if (
+            epoch_done < cfg.run.epochs
+            and cfg.run.checkpoint_every_epochs
+            and epoch_done % cfg.run.checkpoint_every_epochs == 0
+        ):
+            save_checkpoint(accelerator, run_dir, state, loaders, keep)
+    bar.close()
+    wall = time.perf_counter() - run_start
+
+    if stopped:
+        checkpoint = save_checkpoint(accelerator, run_dir, state, loaders, keep)
+        accelerator.print(f"stopped after step {state.step}; checkpoint {checkpoint}")
+        report = {"stopped_at_step": state.step, "checkpoint": str(checkpoint)}
+        accelerator.end_training()
+        if main_process:
+            metrics.close()
+        return TrainResult(report=report, run_dir=run_dir, teacher=teacher)
+
+    last_eval = run_eval()
+    save_checkpoint(accelerator, run_dir, state, loaders, keep)
+    report: dict[str, Any] = {}
+    if main_process:
+        metrics.close()
+        export_path = export_teacher(teacher, run_dir / EXPORT_NAME)
+        report = _build_report(cfg, run_dir, state, last_eval, total_steps, wall, accelerator, export_path, num_classes)
+        write_report(run_dir, report)
+        plot_curves(run_dir, title=f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}")
+        print(_summary_line(report), flush=True)
+    accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return TrainResult(report=report, run_dir=run_dir, teacher=teacher)
+
+
+def _prepare_run_dir(accelerator: Any, run_dir: Path, *, resuming: bool) -> None:
+    if accelerator.is_main_process:
+        if not resuming and checkpoint_dirs(run_dir):
+            raise MtScaleError(
+                f"{run_dir}: already holds a run with checkpoints; continue it with --resume or "
+                "choose another folder with --set run.output_dir=DIR"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            # leftovers of a run killed before its first checkpoint
+            for name in ("metrics.csv", "report.json", "curves.png", EXPORT_NAME, TENSORBOARD_DIR):
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def _check_classes(cfg: Any, num_classes: int) -> None:
+    expected = getattr(cfg.model, "num_classes", None)
+    if expected and expected != num_classes:
+        raise MtScaleError(
+            f"{cfg.run.shards}: the shard set has {num_classes} classes but model.num_classes={expected}; "
+            f"set model.num_classes={num_classes} (or 0 to take it from the shard set) or pick the right shards"
+        )
+
+
+def _memory_error(exc: RuntimeError, cfg: Any) -> Exception:
+    text = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return MtScaleError(
+            f"out of memory with data.batch_size={cfg.data.batch_size} per device: lower data.batch_size "
+            f"(and data.labeled_per_batch) and raise run.grad_accum_steps to keep the effective batch"
+        )
+    return exc
+
+
+def _flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
+    # TensorBoard's hparams take scalars and strings only.
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _eval_line(step: int, result: dict[str, float]) -> str:
+    return (
+        f"step {step}: student top-1 error {result['student_top1_error']:.4f}, "
+        f"teacher top-1 error {result['teacher_top1_error']:.4f}"
+    )
+
+
+def _build_report(
+    cfg: Any,
+    run_dir: Path,
+    state: TrainState,
+    final: dict[str, float],
+    total_steps: int,
+    wall: float,
+    accelerator: Any,
+    export_path: Path,
+    num_classes: int,
+) -> dict[str, Any]:
+    from mt_scale.config import config_to_dict
+
+    rows = read_metrics(run_dir / "metrics.csv")
+    model_name = cfg.model.name
+    return {
+        "preset": cfg.preset,
+        "method": "mean_teacher" if cfg.mt.enabled else "supervised",
+        "run_dir": str(run_dir),
+        "steps": state.step,
+        "total_steps": total_steps,
+        "epochs": cfg.run.epochs,
+        "world_size": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "mixed_precision": cfg.run.mixed_precision,
+        "wall_seconds": round(wall, 3),
+        "train_seconds": round(state.train_seconds, 3),
+        "images_seen": state.images_seen,
+        "images_per_sec": state.images_seen / state.train_seconds if state.train_seconds else None,
+        "final": {key: final.get(key) for key in _ERROR_KEYS},
+        "best": best_errors(rows),
+        "val_count": final.get("val_count"),
+        "class_names": state.class_names,
+        "export": {
+            "file": str(export_path),
+            "model_name": model_name,
+            "num_classes": num_classes,
+            "load": (
+                f"import mt_scale, timm; timm.create_model({model_name!r}, num_classes={num_classes}, "
+                f"pretrained=True, pretrained_cfg_overlay=dict(file={str(export_path)!r}, "
+                f"num_classes={num_classes}))"
+            ),
+        },
+        "config": config_to_dict(cfg),
+    }
+
+
+_ERROR_KEYS = (
+    "student_top1_error",
+    "student_top5_error",
+    "teacher_top1_error",
+    "teacher_top5_error",
+    "student_loss",
+    "teacher_loss",
+)
+
+
+def _summary_line(report: dict[str, Any]) -> str:
+    final = report["final"]
+    return (
+        f"done: {report['steps']} steps in {report['wall_seconds']:.1f}s "
+        f"({report['images_per_sec'] or 0:.0f} img/s); teacher top-1 error {final['teacher_top1_error']:.4f}, "
+        f"student {final['student_top1_error']:.4f}; teacher exported to {report['export']['file']}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
