@@ -16,13 +16,19 @@ set is re-split, so one image keeps its key whether it is labeled or not.
 from __future__ import annotations
 
 import json
+import re
 import struct
+import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LABELS_NAME = "labels.txt"
+# Every training key with its true class, labeled or not: a re-split reads classes from here, so
+# the unlabeled shards themselves never carry a label.
+TRAIN_CLASSES_NAME = "train-classes.txt"
+INDEX_VERSION = "v1.2"  # the DALI wds2idx index format version written beside each shard
 
 TRAIN_LABELED = "train-labeled"
 TRAIN_UNLABELED = "train-unlabeled"
@@ -41,6 +47,14 @@ class ShardFormatError(Exception):
     """A shard set that cannot be read as one; the message names the file and the fix."""
 
 
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def is_valid_key(key: str) -> bool:
+    """Keys hold no dots (webdataset splits member names at the first dot) and no path parts."""
+    return bool(_KEY_PATTERN.match(key)) and len(key) <= 90
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
@@ -48,6 +62,34 @@ def shard_name(split: str, index: int) -> str:
 def index_name(shard: str) -> str:
     """The DALI index file that sits beside a shard."""
     return shard[:-4] + ".idx" if shard.endswith(".tar") else shard + ".idx"
+
+
+def build_index(tar_path: str | Path) -> str:
+    """The DALI index text of a shard, as `wds2idx` writes it.
+
+    First line `v1.2 <samples>`, then one line per sample listing each component as
+    `<ext> <data offset> <size> <member name>`; members sharing a key are one sample.
+    """
+    samples: list[list[str]] = []
+    last_key = None
+    with tarfile.open(tar_path, "r:") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            # Split as wds2idx does: the extension starts at the first dot of the file name.
+            dot = member.name.find(".", member.name.rfind("/") + 1)
+            key, ext = member.name[:dot], member.name[dot + 1 :]
+            if dot < 0 or not key or key.endswith("/"):
+                continue
+            entry = f"{ext} {member.offset_data} {member.size} {member.name}"
+            if key != last_key:
+                samples.append([entry])
+                last_key = key
+            else:
+                samples[-1].append(entry)
+    if not samples:
+        raise ShardFormatError(f"{tar_path}: holds no samples; re-pack the set with mt-shard pack")
+    return f"{INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(sample) + "\n" for sample in samples)
 
 
 def encode_label(label: int) -> bytes:
@@ -71,6 +113,7 @@ class SplitInfo:
     shards: list[str] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     sha256: list[str] = field(default_factory=list)
+    bytes: list[int] = field(default_factory=list)
 
     @property
     def num_samples(self) -> int:
@@ -87,6 +130,8 @@ class Manifest:
     tool_version: str = ""
     format_version: int = FORMAT_VERSION
     source: str = ""
+    val_split: dict = field(default_factory=dict)  # {"method": "folder"|"fraction"|"none", "fraction", "seed"}
+    pack_args: dict = field(default_factory=dict)  # the options that made the set (resume checks them)
 
     @property
     def num_classes(self) -> int:
@@ -118,6 +163,8 @@ class Manifest:
                 tool_version=data.get("tool_version", ""),
                 format_version=version,
                 source=data.get("source", ""),
+                val_split=dict(data.get("val_split", {})),
+                pack_args=dict(data.get("pack_args", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ShardFormatError(

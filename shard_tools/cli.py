@@ -1,0 +1,107 @@
+"""`mt-shard`: pack image collections into shard sets, check them, describe them, re-split them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shard_tools.format import ShardFormatError
+
+
+def _add_label_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("label split (one of; default: every training image labeled)")
+    group.add_argument("--labels-per-class", type=int, metavar="N", help="label N training images of each class")
+    group.add_argument("--label-fraction", type=float, metavar="F",
+                       help="label this fraction of each class (1 = fully labeled, no unlabeled shards)")
+    group.add_argument("--labels", dest="labels_file", metavar="FILE",
+                       help="reuse a split: '<key or file name> <class name>' lines (e.g. a set's labels.txt)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mt-shard", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pack = commands.add_parser("pack", help="pack an image tree, a file list or 'digits' into a shard set")
+    pack.add_argument("source", metavar="SRC",
+                      help="SRC/train/<class>/* (+ SRC/val/<class>/*), SRC/<class>/*, a '<path> <class>' list, or digits")
+    pack.add_argument("out", metavar="OUT", help="the shard set folder to write (new, empty, or an unfinished pack)")
+    _add_label_options(pack)
+    pack.add_argument("--val-fraction", type=float, metavar="F",
+                      help="hold out this class-balanced fraction for val when SRC has no val part "
+                           "(default: 0.3 for digits, 0.1 otherwise; 0 = no val)")
+    pack.add_argument("--val-list", metavar="FILE", help="val images of a file-list SRC, same line format")
+    pack.add_argument("--classes", dest="classes_file", metavar="FILE",
+                      help="class names in index order, one per line (default: sorted names found)")
+    pack.add_argument("--max-side", type=int, metavar="PX", help="shrink so the longer side is at most PX")
+    pack.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of re-encoded images")
+    pack.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
+    pack.add_argument("--shard-bytes", type=int, metavar="B", help="also cap shards at about B bytes")
+    pack.add_argument("--workers", type=int, metavar="N", help="parallel processes (default: all cores)")
+    pack.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    verify = commands.add_parser("verify", help="check a shard set: hashes, counts, keys, indexes, label mask")
+    verify.add_argument("out", metavar="OUT")
+    verify.add_argument("--decode", action="store_true", help="also decode every image")
+
+    info = commands.add_parser("info", help="describe a shard set")
+    info.add_argument("out", metavar="OUT")
+
+    resplit = commands.add_parser("resplit", help="a new label split of a set, copying tar members (no decoding)")
+    resplit.add_argument("out", metavar="OUT", help="the existing shard set")
+    resplit.add_argument("new_out", metavar="NEWOUT", help="the new shard set folder")
+    _add_label_options(resplit)
+    resplit.add_argument("--shard-size", type=int, metavar="N", help="images per shard (default: as OUT)")
+    resplit.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "pack":
+        from shard_tools.pack import pack
+
+        summary = pack(
+            args.source, args.out, labels_per_class=args.labels_per_class, label_fraction=args.label_fraction,
+            labels_file=args.labels_file, seed=args.seed, val_fraction=args.val_fraction, max_side=args.max_side,
+            quality=args.quality, shard_size=args.shard_size, shard_bytes=args.shard_bytes, workers=args.workers,
+            progress=not args.quiet, classes_file=args.classes_file, val_list=args.val_list,
+        )
+        print(summary.line())
+        return 0
+    if args.command == "verify":
+        from shard_tools.verify import verify
+
+        problems = verify(args.out, decode=args.decode, progress=True)
+        for problem in problems:
+            print(problem)
+        print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        return 0 if not problems else 1
+    if args.command == "info":
+        from shard_tools.info import describe
+
+        print(describe(args.out))
+        return 0
+    from shard_tools.resplit import resplit
+
+    summary = resplit(
+        args.out, args.new_out, labels_per_class=args.labels_per_class, label_fraction=args.label_fraction,
+        labels_file=args.labels_file, seed=args.seed, shard_size=args.shard_size, progress=not args.quiet,
+    )
+    print(summary.line())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ShardFormatError as exc:
+        print(f"mt-shard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mt-shard {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

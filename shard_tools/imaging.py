@@ -1,0 +1,89 @@
+"""Reading, checking and (only when needed) re-encoding one image for a shard."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image
+
+# Keep the original bytes of JPEGs in these modes; anything else (PNG, CMYK JPEG, ...) is re-encoded
+# so every `.jpg` member decodes to RGB with any JPEG decoder.
+_KEEP_MODES = ("RGB", "L")
+Image.MAX_IMAGE_PIXELS = 30_000 * 30_000  # refuse decompression bombs, allow large real photos
+
+
+class BadImage(Exception):
+    """An input file that cannot be packed; the message is the reason listed in the manifest."""
+
+
+def read_bytes(path: str | None, data: bytes | None) -> bytes:
+    if data is not None:
+        return data
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise BadImage(f"unreadable: {exc.strerror or exc}") from None
+
+
+def inspect(raw: bytes) -> tuple[int, int, bool]:
+    """(width, height, is a keepable JPEG) after decoding the whole stream; raises BadImage.
+
+    JPEGs decode at 1/8 scale (DCT scaling) which still reads every entropy-coded byte, so a
+    truncated or corrupt file fails here at a fraction of the cost of a full decode.
+    """
+    if not raw:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(raw))
+            size = image.size
+            keep = image.format == "JPEG" and image.mode in _KEEP_MODES
+            if image.format == "JPEG":
+                image.draft(image.mode, (1, 1))
+            image.load()
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"too large: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    except (OSError, SyntaxError, ValueError, Warning) as exc:
+        raise BadImage(f"corrupt or truncated: {exc}") from None
+    if size[0] < 1 or size[1] < 1:
+        raise BadImage("empty image")
+    return size[0], size[1], keep
+
+
+def target_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """The stored size: the longer side at most max_side, aspect kept."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5))
+
+
+def needs_encoding(width: int, height: int, keepable: bool, max_side: int | None) -> bool:
+    return not keepable or target_size(width, height, max_side) != (width, height)
+
+
+def encode_for_shard(raw: bytes, max_side: int | None, quality: int) -> bytes:
+    """The `.jpg` member: the original bytes when they already fit, else a resized RGB JPEG."""
+    try:
+        image = Image.open(io.BytesIO(raw))
+        width, height = image.size
+        keepable = image.format == "JPEG" and image.mode in _KEEP_MODES
+        if not needs_encoding(width, height, keepable, max_side):
+            return raw
+        target = target_size(width, height, max_side)
+        if image.format == "JPEG":
+            # Let libjpeg scale down by 1/2..1/8 while decoding (never below the target), then resample.
+            image.draft("RGB", target)
+        image = image.convert("RGB")
+        if image.size != target:
+            image = image.resize(target, Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=int(quality))
+        return buffer.getvalue()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"corrupt or truncated: {exc}") from None

@@ -1,0 +1,252 @@
+"""`mt-shard pack`: turn an image collection into a shard set, in parallel and resumably.
+
+Stages: find the images (sources) -> check every image (parallel) -> choose val, labels and the
+global order (split) -> plan the shards -> write the shards (parallel; each shard is one task whose
+bytes depend only on its plan, so the worker count never changes the output) -> labels files and
+manifest. A killed pack resumes: finished shards whose plan and sha256 still match are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from shard_tools.files import atomic_write, remove_partials, sha256_file
+from shard_tools.format import (
+    MANIFEST_NAME,
+    SPLITS,
+    ShardFormatError,
+    index_name,
+    read_manifest,
+)
+from shard_tools.imaging import BadImage, encode_for_shard, inspect, read_bytes
+from shard_tools.plan import PackPlan, ShardTask, make_plan, write_set_files
+from shard_tools.sources import DIGITS, load_source
+from shard_tools.writer import ShardResult, sample_members, write_shard
+
+STATE_NAME = ".mt-shard-pack.json"  # resume state of an unfinished pack; removed when it completes
+
+
+@dataclass
+class PackSummary:
+    out_dir: Path
+    counts: dict[str, int]
+    skipped: int
+    bytes: int
+    seconds: float
+    shards_written: int
+    shards_kept: int = 0
+    already_complete: bool = False
+    skipped_paths: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        if self.already_complete:
+            return f"{self.out_dir}: already packed with these options ({self.images} images); nothing to do"
+        per_split = ", ".join(f"{name} {self.counts.get(name, 0)}" for name in SPLITS)
+        kept = f", {self.shards_kept} finished shards kept" if self.shards_kept else ""
+        return (
+            f"packed {self.images} images ({per_split}), skipped {self.skipped}, "
+            f"{self.bytes / 1e6:.1f} MB in {self.shards_written + self.shards_kept} shards{kept}, "
+            f"{self.seconds:.1f} s ({self.images_per_second:.0f} img/s) -> {self.out_dir}"
+        )
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _file_digest(path: str | None) -> str | None:
+    return sha256_file(path) if path else None
+
+
+def _check_options(quality: int, shard_size: int, shard_bytes: int | None, workers: int, max_side: int | None,
+                   labels_per_class, label_fraction, labels_file) -> None:
+    if sum(x is not None for x in (labels_per_class, label_fraction, labels_file)) > 1:
+        raise ShardFormatError("give one of --labels-per-class, --label-fraction and --labels, not several")
+    if not 1 <= quality <= 100:
+        raise ShardFormatError(f"--quality {quality}: must be 1..100")
+    if shard_size < 1 or (shard_bytes is not None and shard_bytes < 1):
+        raise ShardFormatError("--shard-size and --shard-bytes must be at least 1")
+    if workers < 1:
+        raise ShardFormatError(f"--workers {workers}: must be at least 1")
+    if max_side is not None and max_side < 1:
+        raise ShardFormatError(f"--max-side {max_side}: must be at least 1 pixel")
+
+
+def _out_state(out: Path, pack_args: dict) -> str:
+    """'new', 'resume' or 'complete'; raises when OUT holds something else."""
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise ShardFormatError(f"{out}: exists and is not a folder; choose another OUT")
+    if (out / MANIFEST_NAME).exists():
+        if read_manifest(out).pack_args == pack_args:
+            return "complete"
+        raise ShardFormatError(f"{out}: holds a different shard set; choose another OUT or delete it")
+    state_file = out / STATE_NAME
+    if state_file.exists():
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            state = {}
+        if state.get("pack_args") == pack_args:
+            return "resume"
+        raise ShardFormatError(f"{out}: holds an unfinished pack with other options; rerun that command or delete {out}")
+    if any(not p.name.endswith(".partial") for p in out.iterdir()):
+        raise ShardFormatError(f"{out}: exists and is not empty; choose another OUT or delete it")
+    return "new"
+
+
+def _pool(workers: int):
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers)
+
+
+def _parallel_map(function: Callable, tasks: list, workers: int, ordered: bool, chunksize: int = 1) -> Iterable:
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(function, tasks)
+        return
+    with _pool(min(workers, len(tasks))) as pool:
+        mapper = pool.imap if ordered else pool.imap_unordered
+        yield from mapper(function, tasks, chunksize)
+
+
+def _scan_one(item: tuple[str | None, bytes | None]) -> tuple[str | None, int, int, bool, int]:
+    """(reason it is bad or None, width, height, keepable JPEG, file bytes)."""
+    try:
+        raw = read_bytes(*item)
+        width, height, keep = inspect(raw)
+        return None, width, height, keep, len(raw)
+    except BadImage as exc:
+        return str(exc), 0, 0, False, 0
+
+
+def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
+    skipped: list[dict] = []
+
+    def samples():
+        for entry in task.samples:
+            try:
+                jpeg = encode_for_shard(read_bytes(entry.path, entry.data), task.max_side, task.quality)
+            except BadImage as exc:
+                skipped.append({"path": entry.origin, "reason": str(exc), "key": entry.key})
+                continue
+            yield sample_members(entry.key, jpeg, entry.written_label, {"source": entry.origin, "size": entry.size})
+
+    return write_shard(task.out_dir, task.name, samples()), skipped
+
+
+def _shard_done(out: Path, record: dict | None, task: ShardTask) -> bool:
+    tar_path = out / task.name
+    if not record or record.get("plan") != task.plan_hash or not tar_path.exists():
+        return False
+    if not (out / index_name(task.name)).exists():
+        return False
+    return sha256_file(tar_path) == record["sha256"]
+
+
+def pack(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    labels_per_class: int | None = None,
+    label_fraction: float | None = None,
+    labels_file: str | Path | None = None,
+    seed: int = 0,
+    val_fraction: float | None = None,
+    max_side: int | None = None,
+    quality: int = 90,
+    shard_size: int = 1000,
+    shard_bytes: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    classes_file: str | Path | None = None,
+    val_list: str | Path | None = None,
+) -> PackSummary:
+    """Pack `source` (an image tree, a list file or "digits") into the shard set `out_dir`."""
+    started = time.perf_counter()
+    workers = default_workers() if workers is None else int(workers)
+    _check_options(quality, shard_size, shard_bytes, workers, max_side, labels_per_class, label_fraction, labels_file)
+    out = Path(out_dir)
+    if labels_file is not None and not Path(labels_file).is_file():
+        raise ShardFormatError(f"{labels_file}: no such labels file; check --labels")
+    pack_args = {
+        "source": DIGITS if str(source) == DIGITS else str(Path(source).resolve()),
+        "labels_per_class": labels_per_class,
+        "label_fraction": label_fraction,
+        "labels_file_sha256": _file_digest(str(labels_file) if labels_file else None),
+        "seed": int(seed),
+        "val_fraction": val_fraction,
+        "max_side": max_side,
+        "quality": int(quality),
+        "shard_size": int(shard_size),
+        "shard_bytes": shard_bytes,
+        "classes_file_sha256": _file_digest(str(classes_file) if classes_file else None),
+        "val_list": str(Path(val_list).resolve()) if val_list else None,
+    }
+    state = _out_state(out, pack_args)
+    if state == "complete":
+        manifest = read_manifest(out)
+        counts = {name: manifest.split(name).num_samples for name in SPLITS}
+        total = sum(sum(manifest.split(name).bytes) for name in SPLITS)
+        return PackSummary(out, counts, len(manifest.skipped), total, 0.0, 0, already_complete=True)
+
+    collection = load_source(source, str(classes_file) if classes_file else None, str(val_list) if val_list else None)
+    items = collection.train + (collection.val or [])
+    scans = list(
+        tqdm(
+            _parallel_map(_scan_one, [(item.path, item.data) for item in items], workers, True, chunksize=32),
+            total=len(items), desc="check", unit="img", disable=not progress, leave=False,
+        )
+    )
+    plan: PackPlan = make_plan(collection, scans, pack_args, labels_file=labels_file, out_dir=out)
+
+    # Everything a user can get wrong has been checked: from here on files are written.
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partials(out)
+    records: dict[str, dict] = {}
+    if state == "resume":
+        records = json.loads((out / STATE_NAME).read_text()).get("shards", {})
+    records = {t.name: records[t.name] for t in plan.tasks if _shard_done(out, records.get(t.name), t)}
+    save_state = lambda: atomic_write(out / STATE_NAME, json.dumps({"pack_args": pack_args, "shards": records}))  # noqa: E731
+    save_state()
+    todo = [task for task in plan.tasks if task.name not in records]
+    bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
+    for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
+        records[result.name] = {
+            "plan": next(t.plan_hash for t in todo if t.name == result.name),
+            "sha256": result.sha256, "count": result.count, "bytes": result.bytes, "skipped": skipped,
+        }
+        save_state()
+        bar.update(result.count + len(skipped))
+    bar.close()
+
+    manifest = write_set_files(out, plan, records, collection)
+    (out / STATE_NAME).unlink(missing_ok=True)
+    counts = {name: manifest.split(name).num_samples for name in SPLITS}
+    size = sum(sum(manifest.split(name).bytes) for name in SPLITS)
+    summary = PackSummary(
+        out, counts, len(manifest.skipped), size, time.perf_counter() - started,
+        shards_written=len(todo), shards_kept=len(plan.tasks) - len(todo),
+        skipped_paths=[entry["path"] for entry in manifest.skipped],
+    )
+    return summary
+

@@ -1,0 +1,229 @@
+"""Image collections mt-shard can pack: ImageNet-style folder trees, text file lists, the digits set.
+
+Each source becomes a `Collection`: class names (index = position) and `Item`s, each with a key
+that is unique, holds no dots and depends only on where the image came from, so an image keeps
+its key however the set is later split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shard_tools.format import ShardFormatError
+
+DIGITS = "digits"
+DIGITS_SIZE = 32
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_MAX_KEY = 90
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    label: int
+    origin: str  # path as the user knows it (relative to SRC or the list), or "digits/<n>"
+    path: str | None = None  # file to read; None when `data` holds the bytes
+    data: bytes | None = None
+
+
+@dataclass
+class Collection:
+    description: str
+    classes: list[str]
+    train: list[Item]
+    val: list[Item] | None  # None: the source has no val part; pack holds one out by fraction
+    default_val_fraction: float
+    skipped: list[dict] = field(default_factory=list)
+
+
+def key_for(origin: str) -> str:
+    """A dot-free key from a relative path: extension dropped, separators and odd characters as `-`."""
+    stem = origin.rsplit(".", 1)[0] if "." in origin.rsplit("/", 1)[-1] else origin
+    key = _UNSAFE.sub("-", stem.replace("\\", "/").replace("/", "-")).strip("-") or "img"
+    if len(key) > _MAX_KEY:
+        # Keep the readable tail and make it unique with a digest of the full origin.
+        key = key[-(_MAX_KEY - 13) :].lstrip("-") + "-" + hashlib.sha1(origin.encode()).hexdigest()[:12]
+    return key
+
+
+def _assign_unique_keys(items: list[Item]) -> list[Item]:
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        key, suffix = item.key, 2
+        while key in seen:
+            key = f"{item.key[: _MAX_KEY - 8]}-{suffix}"
+            suffix += 1
+        seen.add(key)
+        unique.append(item if key == item.key else Item(key, item.label, item.origin, item.path, item.data))
+    return unique
+
+
+def read_classes_file(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ShardFormatError(f"{path}: cannot read the classes file ({exc.strerror}); check the path") from None
+    classes = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not classes:
+        raise ShardFormatError(f"{path}: the classes file names no class; write one class name per line")
+    dupes = sorted({name for name in classes if classes.count(name) > 1})
+    if dupes:
+        raise ShardFormatError(f"{path}: class {dupes[0]!r} is listed twice; list each class once")
+    return classes
+
+
+def _class_index(classes: list[str], name: str, where: str, classes_file: str | None) -> int:
+    try:
+        return classes.index(name)
+    except ValueError:
+        fix = f"add it to {classes_file}" if classes_file else "check the spelling"
+        raise ShardFormatError(f"{where}: unknown class {name!r}; {fix}") from None
+
+
+def _files_under(folder: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(root) / name for name in sorted(files) if not name.startswith("."))
+    return found
+
+
+def _tree_part(part_dir: Path, root: Path, classes: list[str], classes_file: str | None, need_all: bool):
+    class_dirs = sorted(p for p in part_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    items, seen = [], set()
+    for class_dir in class_dirs:
+        label = _class_index(classes, class_dir.name, str(class_dir), classes_file)
+        files = _files_under(class_dir)
+        if not files:
+            raise ShardFormatError(f"{class_dir}: empty class folder; add images or remove the folder")
+        seen.add(class_dir.name)
+        for file in files:
+            origin = file.relative_to(root).as_posix()
+            items.append(Item(key_for(origin), label, origin, path=str(file)))
+    missing = [name for name in classes if name not in seen]
+    if need_all and missing:
+        raise ShardFormatError(f"{part_dir}: class {missing[0]!r} has no folder here; add its images")
+    if not items:
+        raise ShardFormatError(f"{part_dir}: no class folders with images; expected {part_dir}/<class>/*.JPEG")
+    return items
+
+
+def _load_tree(root: Path, classes_file: str | None) -> Collection:
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    val_dir = root / "val" if train_dir != root and (root / "val").is_dir() else None
+    if classes_file:
+        classes = read_classes_file(classes_file)
+    else:
+        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise ShardFormatError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image files>")
+    train = _tree_part(train_dir, root, classes, classes_file, need_all=True)
+    val = _tree_part(val_dir, root, classes, classes_file, need_all=False) if val_dir else None
+    stray = [p for p in train_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
+    skipped = [{"path": p.relative_to(root).as_posix(), "reason": "not inside a class folder"} for p in sorted(stray)]
+    return Collection(f"tree {root}", classes, train, val, 0.1, skipped)
+
+
+def _read_list(list_path: Path, classes: list[str] | None, classes_file: str | None) -> list[tuple[str, str, str]]:
+    try:
+        lines = list_path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ShardFormatError(f"{list_path}: cannot read the file list ({exc}); check the path") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.rsplit(None, 1)
+        if len(parts) != 2:
+            raise ShardFormatError(f"{list_path}:{number}: expected '<path> <class name>', got {line.strip()!r}")
+        path, name = parts
+        if classes is not None:
+            _class_index(classes, name, f"{list_path}:{number}", classes_file)
+        entries.append((path, name, f"{list_path}:{number}"))
+    if not entries:
+        raise ShardFormatError(f"{list_path}: the file list names no image; write '<path> <class name>' lines")
+    return entries
+
+
+def _list_items(list_path: Path, entries, classes: list[str], prefix: str = "") -> list[Item]:
+    items = []
+    for path, name, _where in entries:
+        file = Path(path) if os.path.isabs(path) else list_path.parent / path
+        origin = os.path.normpath(path).replace("\\", "/").lstrip("/")
+        origin = "/".join(part for part in origin.split("/") if part != "..")
+        items.append(Item(key_for(prefix + origin), classes.index(name), path, path=str(file)))
+    return items
+
+
+def _load_list(list_path: Path, classes_file: str | None, val_list: str | None) -> Collection:
+    fixed = read_classes_file(classes_file) if classes_file else None
+    entries = _read_list(list_path, fixed, classes_file)
+    classes = fixed or sorted({name for _, name, _ in entries})
+    present = {name for _, name, _ in entries}
+    missing = [name for name in classes if name not in present]
+    if missing:
+        raise ShardFormatError(f"{list_path}: class {missing[0]!r} has no image in the list; add some")
+    train = _list_items(list_path, entries, classes)
+    val = None
+    if val_list:
+        val_path = Path(val_list)
+        if not val_path.is_file():
+            raise ShardFormatError(f"{val_path}: no such val list; check --val-list")
+        val_entries = _read_list(val_path, classes, classes_file or str(list_path))
+        val = _list_items(val_path, val_entries, classes, prefix="val/")
+    return Collection(f"list {list_path}", classes, train, val, 0.1)
+
+
+def digits_jpegs(quality: int = 95) -> tuple[list[bytes], list[int]]:
+    """scikit-learn's 1,797 digits as 32x32 RGB JPEGs (bicubic upscale of the 8x8, 0..16 images)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    encoded = []
+    for image in images:
+        big = Image.fromarray(image, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC).convert("RGB")
+        buffer = io.BytesIO()
+        big.save(buffer, format="JPEG", quality=quality)
+        encoded.append(buffer.getvalue())
+    return encoded, [int(t) for t in digits.target]
+
+
+def _load_digits() -> Collection:
+    encoded, targets = digits_jpegs()
+    items = [
+        Item(f"digits-{index:05d}", label, f"digits/{index}", data=data)
+        for index, (data, label) in enumerate(zip(encoded, targets, strict=True))
+    ]
+    return Collection("scikit-learn digits", [str(d) for d in range(10)], items, None, 0.3)
+
+
+def load_source(source: str | Path, classes_file: str | None = None, val_list: str | None = None) -> Collection:
+    """Find every image of `source` (a folder tree, a list file or "digits") and its class."""
+    if str(source) == DIGITS:
+        if classes_file or val_list:
+            raise ShardFormatError("digits: --classes and --val-list apply only to folder trees and file lists")
+        return _load_digits()
+    path = Path(source)
+    if path.is_dir():
+        if val_list:
+            raise ShardFormatError(f"{path}: --val-list applies only to a file list; put val images in {path}/val")
+        collection = _load_tree(path, classes_file)
+    elif path.is_file():
+        collection = _load_list(path, classes_file, val_list)
+    else:
+        raise ShardFormatError(f"{path}: no such folder or file list; give an image tree, a list file or 'digits'")
+    unique = _assign_unique_keys(collection.train + (collection.val or []))
+    collection.train, rest = unique[: len(collection.train)], unique[len(collection.train) :]
+    collection.val = rest if collection.val is not None else None
+    return collection
