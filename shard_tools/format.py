@@ -92,6 +92,26 @@ def build_index(tar_path: str | Path) -> str:
     return f"{INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(sample) + "\n" for sample in samples)
 
 
+def parse_index(text: str, path: str = "index") -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Samples of a DALI index: (key, {ext: (data offset, size)}) in tar order."""
+    lines = text.splitlines()
+    try:
+        version, count = lines[0].split()
+        samples = []
+        for line in lines[1:]:
+            fields = line.split()
+            components = {}
+            for start in range(0, len(fields), 4):
+                ext, offset, size, name = fields[start : start + 4]
+                components[ext] = (int(offset), int(size))
+            samples.append((name[: len(name) - len(ext) - 1], components))
+    except (IndexError, ValueError):
+        raise ShardFormatError(f"{path}: not a DALI webdataset index; re-pack the set") from None
+    if version != INDEX_VERSION or int(count) != len(samples):
+        raise ShardFormatError(f"{path}: index header {lines[0]!r} does not match its {len(samples)} lines")
+    return samples
+
+
 def encode_label(label: int) -> bytes:
     return struct.pack("<i", int(label))
 

@@ -45,6 +45,7 @@ class PackSummary:
     shards_kept: int = 0
     already_complete: bool = False
     skipped_paths: list[str] = field(default_factory=list)
+    verb: str = "packed"
 
     @property
     def images(self) -> int:
@@ -60,7 +61,7 @@ class PackSummary:
         per_split = ", ".join(f"{name} {self.counts.get(name, 0)}" for name in SPLITS)
         kept = f", {self.shards_kept} finished shards kept" if self.shards_kept else ""
         return (
-            f"packed {self.images} images ({per_split}), skipped {self.skipped}, "
+            f"{self.verb} {self.images} images ({per_split}), skipped {self.skipped}, "
             f"{self.bytes / 1e6:.1f} MB in {self.shards_written + self.shards_kept} shards{kept}, "
             f"{self.seconds:.1f} s ({self.images_per_second:.0f} img/s) -> {self.out_dir}"
         )

@@ -140,8 +140,9 @@ def make_plan(collection: Collection, scans: list[tuple], pack_args: dict, *, la
     checked = list(zip(collection.train + (collection.val or []), scans, strict=True))
     skipped = list(collection.skipped)
     skipped += [{"path": item.origin, "reason": scan[0]} for item, scan in checked if scan[0] is not None]
-    train = [(item, scan) for item, scan in checked[:n_train] if scan[0] is None]
-    val = [(item, scan) for item, scan in checked[n_train:] if scan[0] is None]
+    # Key order, so a re-split (which only knows keys) chooses and orders exactly as pack does.
+    train = sorted(((item, scan) for item, scan in checked[:n_train] if scan[0] is None), key=lambda e: e[0].key)
+    val = sorted(((item, scan) for item, scan in checked[n_train:] if scan[0] is None), key=lambda e: e[0].key)
 
     if collection.val is not None:
         if pack_args["val_fraction"] is not None:
