@@ -9,14 +9,21 @@ in DDP across processes, applies bf16/fp16 autocast and gradient accumulation; n
 creates process groups. The loaders are NOT prepared by Accelerate: the pipelines already give
 each rank its own shards (preparing them would shard a second time).
 
-Supervised-only (`mt.enabled=false`) shares every line: batches are all labeled and the
-consistency weight is 0; the teacher is still the EMA of the student and is evaluated too.
+Supervised-only (`mt.enabled=false`) shares every line: the consistency weight is 0 and the
+student (and teacher) see only the L labeled rows of each batch, so the baseline takes the same
+steps over the same labeled stream with the same schedules; the teacher is still the EMA of the
+student and is evaluated too. (A config with data.labeled_per_batch == data.batch_size gives
+all-labeled batches directly; the labeled split then defines the epoch.)
+
+`optim.lr` is per device: the run uses `scale_for_world_size` (lr x processes x accumulation
+steps, the reference's linear scaling), and report.json records the LR actually used.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -132,20 +139,22 @@ def train(
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mt_scale.config import config_to_dict, config_to_yaml
+    from mt_scale.config import config_to_dict, config_to_yaml, scale_for_world_size
     from mt_scale.losses import consistency_weight, mean_teacher_loss
     from mt_scale.model import compile_model, create_model
     from mt_scale.optim import create_optimizer, create_scheduler
     from mt_scale.teacher import create_teacher, sync_teacher_buffers, update_teacher
     from pipelines import build_loaders, normalize
 
-    if not cfg.mt.enabled:
-        cfg.data.labeled_per_batch = cfg.data.batch_size  # supervised-only: every row labeled
+    if not cfg.run.shards:
+        raise MtScaleError("run.shards is empty: pack a shard set with mt-shard pack, then --set run.shards=DIR")
     run_dir = Path(cfg.run.output_dir)
     keep = cfg.run.keep_checkpoints if keep is None else keep
     if cfg.run.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise MtScaleError("run.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
     accelerator = Accelerator(
+        # Launched as several processes on a machine with no GPU: run them on CPU with gloo.
+        cpu=_no_accelerator() and "LOCAL_RANK" in os.environ,
         mixed_precision=cfg.run.mixed_precision,
         gradient_accumulation_steps=cfg.run.grad_accum_steps,
         step_scheduler_with_optimizer=False,  # the schedule is per optimizer step; we step it ourselves
@@ -155,11 +164,13 @@ def train(
     main_process = accelerator.is_main_process
     _prepare_run_dir(accelerator, run_dir, resuming=resume is not None)
 
+    resolved = config_to_dict(cfg)  # as given (per device): what config.yaml and report.json hold
+    resolved_yaml = config_to_yaml(cfg)
+    cfg = scale_for_world_size(cfg, accelerator.num_processes)
     loaders = build_loaders(
         cfg.run.shards, cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes
     )
     num_classes = loaders.num_classes
-    _check_classes(cfg, num_classes)
     # Every rank must take the same number of steps (DDP); the shortest rank decides.
     batches_per_epoch = int(
         accelerator.gather(torch.tensor([len(loaders.train)], device=accelerator.device)).min()
@@ -190,14 +201,16 @@ def train(
         load_checkpoint(accelerator, checkpoint, state, loaders)
         accelerator.print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
     if main_process:
-        (run_dir / CONFIG_NAME).write_text(config_to_yaml(cfg))
+        (run_dir / CONFIG_NAME).write_text(resolved_yaml)
         metrics = MetricsWriter(run_dir, resume_step=state.step if resume is not None else None)
-    accelerator.init_trackers(TENSORBOARD_DIR, config=_flat_hparams(config_to_dict(cfg)))
+    accelerator.init_trackers(TENSORBOARD_DIR, config=_flat_hparams(resolved))
 
     mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
     channels_last = bool(cfg.model.channels_last)
     device = accelerator.device
-    images_per_batch = cfg.data.batch_size * accelerator.num_processes
+    # Supervised-only: the student (and teacher) take the labeled rows alone.
+    student_rows = cfg.data.batch_size if cfg.mt.enabled else cfg.data.labeled_per_batch
+    images_per_batch = student_rows * accelerator.num_processes
     last_eval: dict[str, float] = {}
 
     def run_eval() -> dict[str, float]:
@@ -229,9 +242,13 @@ def train(
             batch = next(batches)
             epoch_position = state.epoch + state.batch_in_epoch / batches_per_epoch
             weight = consistency_weight(cfg.mt, epoch_position)
-            student_in = normalize(batch["student"].to(device, non_blocking=True), mean, std, channels_last=channels_last)
-            teacher_in = normalize(batch["teacher"].to(device, non_blocking=True), mean, std, channels_last=channels_last)
-            labels = batch["label"].to(device, non_blocking=True)
+            student_in = normalize(
+                batch["student"][:student_rows].to(device, non_blocking=True), mean, std, channels_last=channels_last
+            )
+            teacher_in = normalize(
+                batch["teacher"][:student_rows].to(device, non_blocking=True), mean, std, channels_last=channels_last
+            )
+            labels = batch["label"][:student_rows].to(device, non_blocking=True)
             try:
                 with accelerator.accumulate(student):
                     with torch.no_grad(), accelerator.autocast():
@@ -282,7 +299,7 @@ def train(
                     "teacher_class_loss": row["teacher_class"],
                     "consistency_weight": weight,
                     "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_sec": window_batches * cfg.data.batch_size * accelerator.num_processes / elapsed,
+                    "images_per_sec": window_batches * images_per_batch / elapsed,
                 }
                 if main_process:
                     metrics.write(row)
@@ -329,6 +346,7 @@ def train(
         metrics.close()
         export_path = export_teacher(teacher, run_dir / EXPORT_NAME)
         report = _build_report(cfg, run_dir, state, last_eval, total_steps, wall, accelerator, export_path, num_classes)
+        report["config"] = resolved
         write_report(run_dir, report)
         plot_curves(run_dir, title=f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}")
         print(_summary_line(report), flush=True)
@@ -353,13 +371,9 @@ def _prepare_run_dir(accelerator: Any, run_dir: Path, *, resuming: bool) -> None
     accelerator.wait_for_everyone()
 
 
-def _check_classes(cfg: Any, num_classes: int) -> None:
-    expected = getattr(cfg.model, "num_classes", None)
-    if expected and expected != num_classes:
-        raise MtScaleError(
-            f"{cfg.run.shards}: the shard set has {num_classes} classes but model.num_classes={expected}; "
-            f"set model.num_classes={num_classes} (or 0 to take it from the shard set) or pick the right shards"
-        )
+def _no_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
 def _memory_error(exc: RuntimeError, cfg: Any) -> Exception:
@@ -404,8 +418,6 @@ def _build_report(
     export_path: Path,
     num_classes: int,
 ) -> dict[str, Any]:
-    from mt_scale.config import config_to_dict
-
     rows = read_metrics(run_dir / "metrics.csv")
     model_name = cfg.model.name
     return {
@@ -418,6 +430,7 @@ def _build_report(
         "world_size": accelerator.num_processes,
         "device": str(accelerator.device),
         "mixed_precision": cfg.run.mixed_precision,
+        "lr": cfg.optim.lr,  # the peak LR used: optim.lr x processes x grad_accum_steps
         "wall_seconds": round(wall, 3),
         "train_seconds": round(state.train_seconds, 3),
         "images_seen": state.images_seen,
@@ -436,7 +449,6 @@ def _build_report(
                 f"num_classes={num_classes}))"
             ),
         },
-        "config": config_to_dict(cfg),
     }
 
 

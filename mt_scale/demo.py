@@ -1,0 +1,192 @@
+"""`make demo`: Mean Teacher against the supervised baseline on scikit-learn's digits, 50 labels, 3 seeds.
+
+Packs the digits (5 labels per class) into runs/demo/shards unless a matching set is there,
+trains the `digits-demo` preset with Mean Teacher and with `mt.enabled=false` for each seed (each
+run in runs/demo/<method>-seed<N>/ with its own report.json and curves.png), prints a table of
+teacher/student top-1 error, and writes runs/demo/summary.json and runs/demo/comparison.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEMO_DIR = Path("runs/demo")
+PRESET = "digits-demo"
+SEEDS = (0, 1, 2)
+LABELS_PER_CLASS = 5
+METHODS = ("mean_teacher", "supervised")
+SUMMARY_NAME = "summary.json"
+PLOT_NAME = "comparison.png"
+TARGET_RATIO = 0.7  # Mean Teacher's teacher error at most this fraction of the baseline's, on average
+
+
+def ensure_digits_shards(shard_dir: str | Path, *, progress: bool = True) -> Path:
+    """The digits shard set with LABELS_PER_CLASS labels per class in `shard_dir`, packed if missing."""
+    from shard_tools.format import ShardFormatError, read_manifest
+    from shard_tools.pack import pack
+
+    shard_dir = Path(shard_dir)
+    try:
+        manifest = read_manifest(shard_dir)
+        if manifest.label_split.get("labels_per_class") == LABELS_PER_CLASS and manifest.num_classes == 10:
+            return shard_dir
+    except ShardFormatError:
+        pass
+    if shard_dir.exists():
+        shutil.rmtree(shard_dir)  # a set packed with other settings, or half written
+    pack("digits", shard_dir, labels_per_class=LABELS_PER_CLASS, seed=0, progress=progress)
+    return shard_dir
+
+
+def run_config(method: str, seed: int, shards: Path, out_dir: Path, overrides: Sequence[str] = ()) -> Any:
+    """The digits-demo config of one demo run: the preset, this seed, and mt.enabled per method."""
+    from mt_scale.config import load_config
+
+    settings = [
+        f"run.seed={seed}",
+        f"data.seed={seed}",
+        f"run.shards={shards}",
+        f"run.output_dir={out_dir / f'{method}-seed{seed}'}",
+        f"mt.enabled={'true' if method == 'mean_teacher' else 'false'}",
+    ]
+    return load_config(preset=PRESET, overrides=[*settings, *overrides])
+
+
+def run_demo(
+    out_dir: str | Path = DEMO_DIR,
+    *,
+    seeds: Sequence[int] = SEEDS,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Train both methods for every seed; returns (and writes) the summary {seed: {method: errors}}."""
+    from mt_scale.report import atomic_write_text
+    from mt_scale.train import train
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = ensure_digits_shards(out_dir / "shards", progress=progress)
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for seed in seeds:
+        for method in METHODS:
+            cfg = run_config(method, seed, shards, out_dir, overrides)
+            run_dir = Path(cfg.run.output_dir)
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # a fresh run each time the demo is made
+            started = time.perf_counter()
+            report = train(cfg, progress=progress).report
+            final = report["final"]
+            summary.setdefault(str(seed), {})[method] = {
+                "teacher_top1_error": final["teacher_top1_error"],
+                "student_top1_error": final["student_top1_error"],
+            }
+            print(
+                f"seed {seed} {method}: teacher {final['teacher_top1_error']:.4f}, "
+                f"student {final['student_top1_error']:.4f} ({time.perf_counter() - started:.0f}s, {run_dir})",
+                flush=True,
+            )
+    atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    plot_comparison(summary, out_dir / PLOT_NAME)
+    return summary
+
+
+def mean_errors(summary: dict[str, dict[str, dict[str, float]]], method: str, key: str) -> float:
+    values = [runs[method][key] for runs in summary.values()]
+    return sum(values) / len(values)
+
+
+def teacher_error_ratio(summary: dict[str, dict[str, dict[str, float]]]) -> float:
+    """Mean Teacher's mean teacher top-1 error over the supervised baseline's (the demo's target: <= 0.7)."""
+    baseline = mean_errors(summary, "supervised", "teacher_top1_error")
+    return mean_errors(summary, "mean_teacher", "teacher_top1_error") / max(baseline, 1e-12)
+
+
+def format_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    header = f"{'seed':>6}  {'method':<13} {'teacher top-1 err':>18} {'student top-1 err':>18}"
+    lines = [header, "-" * len(header)]
+    for seed, runs in summary.items():
+        for method in METHODS:
+            errors = runs[method]
+            lines.append(
+                f"{seed:>6}  {method:<13} {errors['teacher_top1_error']:>18.4f} {errors['student_top1_error']:>18.4f}"
+            )
+    for method in METHODS:
+        lines.append(
+            f"{'mean':>6}  {method:<13} {mean_errors(summary, method, 'teacher_top1_error'):>18.4f} "
+            f"{mean_errors(summary, method, 'student_top1_error'):>18.4f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_comparison(summary: dict[str, dict[str, dict[str, float]]], path: str | Path) -> Path:
+    """Grouped bars: teacher and student top-1 error of both methods, per seed and averaged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = [*summary.keys(), "mean"]
+    bars = [
+        ("mean_teacher", "teacher_top1_error", "Mean Teacher: teacher", "tab:blue"),
+        ("mean_teacher", "student_top1_error", "Mean Teacher: student", "lightsteelblue"),
+        ("supervised", "teacher_top1_error", "supervised: EMA teacher", "tab:orange"),
+        ("supervised", "student_top1_error", "supervised: student", "navajowhite"),
+    ]
+    positions = np.arange(len(groups))
+    width = 0.2
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for index, (method, key, label, colour) in enumerate(bars):
+        values = [summary[g][method][key] for g in groups[:-1]] + [mean_errors(summary, method, key)]
+        ax.bar(positions + (index - 1.5) * width, values, width, label=label, color=colour)
+    ax.set_xticks(positions, [f"seed {g}" if g != "mean" else "mean" for g in groups])
+    ax.set_ylabel("val top-1 error")
+    ax.set_title(f"digits, {LABELS_PER_CLASS * 10} labels: Mean Teacher vs supervised only")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mt_scale.errors import MtScaleError
+    from pipelines.errors import PipelineError
+    from shard_tools.format import ShardFormatError
+
+    parser = argparse.ArgumentParser(prog="python -m mt_scale.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(DEMO_DIR), help="demo folder (default runs/demo)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        summary = run_demo(args.out, seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress)
+    except (MtScaleError, PipelineError, ShardFormatError) as exc:
+        print(f"demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print()
+    print(format_table(summary))
+    print(
+        f"\nMean Teacher's teacher error is {teacher_error_ratio(summary):.2f}x the supervised baseline's "
+        f"(target <= {TARGET_RATIO}); demo took {time.perf_counter() - started:.0f}s"
+    )
+    print(f"summary: {out / SUMMARY_NAME}\nplot:    {out / PLOT_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
