@@ -113,9 +113,15 @@ def sample_crop_box(
     if spec.crop_scale is not None:
         return _random_resized_box(spec.crop_scale, spec.crop_ratio, width, height, rng)
     if spec.eval_resize is not None:
-        scale = spec.eval_resize / min(width, height)
-        box_w, box_h = out_w / scale, out_h / scale
-        return ((width - box_w) / 2, (height - box_h) / 2, box_w, box_h)
+        # torchvision Resize(int) + CenterCrop: integer resized size, rounded crop offsets
+        short = spec.eval_resize
+        if width <= height:
+            resized_w, resized_h = short, int(short * height / width)
+        else:
+            resized_w, resized_h = int(short * width / height), short
+        left, top = int(round((resized_w - out_w) / 2)), int(round((resized_h - out_h) / 2))
+        sx, sy = width / resized_w, height / resized_h
+        return (left * sx, top * sy, out_w * sx, out_h * sy)
     return (0.0, 0.0, float(width), float(height))
 
 
@@ -227,5 +233,5 @@ def hue_matrix(turns: float) -> np.ndarray:
     """3x3 RGB hue rotation (a rotation of YIQ's chroma plane; keeps luma, greys stay grey)."""
     theta = 2 * math.pi * turns
     cos, sin = math.cos(theta), math.sin(theta)
-    rotate = np.array([[1.0, 0, 0], [0, cos, -sin], [0, sin, cos]])
+    rotate = np.array([[1.0, 0, 0], [0, cos, sin], [0, -sin, cos]])  # DALI's hsv/color_twist sign
     return _YIQ_INV @ rotate @ _YIQ

@@ -29,8 +29,11 @@ from shard_tools.format import IMAGE_EXT, LABEL_EXT, decode_label
 
 # OpenCV decodes to BGR; this column permutation makes a colour matrix read BGR and write RGB
 _BGR_TO_RGB = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.float64)
-_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                  8: cv2.IMREAD_REDUCED_COLOR_8}
+# EXIF orientation is ignored by both backends (the header size must match the pixels): the packer
+# writes upright pixels
+_REDUCED_FLAGS = {r: flag | cv2.IMREAD_IGNORE_ORIENTATION for r, flag in (
+    (1, cv2.IMREAD_COLOR), (2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4),
+    (8, cv2.IMREAD_REDUCED_COLOR_8))}
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -68,7 +71,7 @@ def render_views(data: bytes, specs: Sequence[AugmentSpec], rng: np.random.Gener
     size = jpeg_size(data)
     image = None
     if size is None:  # not a baseline/progressive JPEG header we can read: plain full decode
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED_FLAGS[1])
         if image is None:
             return False
         size = (image.shape[1], image.shape[0])
@@ -129,11 +132,11 @@ def sample_stream(shards: Sequence[str], *, rank: int, world_size: int, worker: 
     """(key, jpeg bytes, label) from the stock webdataset reader; `cycle` repeats with a new shuffle per pass."""
     def by_node(urls):
         urls = list(urls)
-        return [urls[i] for i in split_indices(len(urls), rank, world_size, share_if_short=share_if_short)]
+        yield from (urls[i] for i in split_indices(len(urls), rank, world_size, share_if_short=share_if_short))
 
     def by_worker(urls):
         urls = list(urls)
-        return [urls[i] for i in split_indices(len(urls), worker, workers, share_if_short=share_if_short)]
+        yield from (urls[i] for i in split_indices(len(urls), worker, workers, share_if_short=share_if_short))
 
     passes = 0
     while True:

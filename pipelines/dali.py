@@ -1,0 +1,282 @@
+"""The DALI backend: readers.webdataset + one decode + two composed-warp views, on the GPU when present.
+
+The graph mirrors pipelines.augment: per view one `fn.warp_affine` whose matrix is composed from
+`fn.transforms.*` (rotation about the centre, the crop box mapped onto the output, flip, shift;
+source -> output in DALI's pixel-edge coordinates), then colour as a brightness/contrast expression
+about the view's mean grey followed by `fn.hsv` (hue + saturation; DALI applies it as a matrix).
+No Python callbacks. `device_id=None` runs the same graph on the CPU (slow: see the package doc).
+
+Differences from the torch backend, by design: random draws come from DALI's generators (same
+distributions, different values); reflect padding (CIFAR translation) repeats the border pixel
+instead, as warp_affine offers no reflection; an image that does not decode raises PipelineError
+(no counted skip without a callback).
+
+Epochs: each reader reads its rank's contiguous share of a split's samples (DALI shards by sample;
+`stick_to_shard`), padded to whole batches; after `len(train)` batches the epoch-defining reader is
+drained to its epoch boundary so the next epoch starts a fresh pass. Position is saved with DALI's
+own pipeline checkpoints, so a resumed run continues the exact reader state.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Iterator
+
+import torch
+
+from pipelines.augment import AugmentSpec
+from pipelines.config import DataConfig
+from pipelines.errors import PipelineError
+from pipelines.loaders import TrainLoader, ValLoader
+from pipelines.mixing import compose_batch, seed_for
+from shard_tools.format import IMAGE_EXT, LABEL_EXT, index_name
+
+
+def dali_shard_sizes(total: int, world_size: int) -> list[int]:
+    """Samples each rank's DALI reader holds (DALI splits [r*n/W, (r+1)*n/W))."""
+    return [(r + 1) * total // world_size - r * total // world_size for r in range(world_size)]
+
+
+def _scalar_xy(x, y):
+    from nvidia.dali import fn
+
+    return fn.stack(x, y)
+
+
+def _round_half_even(x):
+    # Python's round() on k/2 values, as torchvision's CenterCrop uses it
+    from nvidia.dali import math as dmath
+
+    floor = dmath.floor(x)
+    odd = floor - 2.0 * dmath.floor(floor * 0.5)
+    return floor + 2.0 * (x - floor) * odd
+
+
+def view_graph(image, shape, spec: AugmentSpec, gpu: bool):
+    """One augmented view (uint8 CHW) of decoded `image` (HWC) whose encoded shape (H, W, C) is `shape`."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    out_h, out_w = spec.output_size
+    height = fn.cast(shape[0], dtype=types.FLOAT)
+    width = fn.cast(shape[1], dtype=types.FLOAT)
+    matrix = None
+    if spec.rotation_degrees:
+        angle = fn.random.uniform(range=[-spec.rotation_degrees, spec.rotation_degrees])
+        matrix = fn.transforms.rotation(angle=angle, center=_scalar_xy(width * 0.5, height * 0.5))
+    if spec.crop_scale is not None:
+        anchor, size = fn.random_crop_generator(shape, random_area=list(spec.crop_scale),
+                                                random_aspect_ratio=list(spec.crop_ratio), num_attempts=10)
+        anchor, size = fn.cast(anchor, dtype=types.FLOAT), fn.cast(size, dtype=types.FLOAT)
+        x0, y0, box_w, box_h = anchor[1], anchor[0], size[1], size[0]
+    elif spec.eval_resize is not None:
+        short = dmath.min(width, height)
+        resized_w = dmath.floor(spec.eval_resize * width / short)
+        resized_h = dmath.floor(spec.eval_resize * height / short)
+        sx, sy = width / resized_w, height / resized_h
+        x0 = _round_half_even((resized_w - out_w) * 0.5) * sx
+        y0 = _round_half_even((resized_h - out_h) * 0.5) * sy
+        box_w, box_h = out_w * sx, out_h * sy
+    else:
+        x0, y0, box_w, box_h = width * 0.0, height * 0.0, width, height
+    crop_args = dict(from_start=_scalar_xy(x0, y0), from_end=_scalar_xy(x0 + box_w, y0 + box_h),
+                     to_start=[0.0, 0.0], to_end=[float(out_w), float(out_h)])
+    matrix = fn.transforms.crop(matrix, **crop_args) if matrix is not None else fn.transforms.crop(**crop_args)
+    if spec.hflip:
+        flip_x = 1.0 - 2.0 * fn.cast(fn.random.coin_flip(), dtype=types.FLOAT)
+        matrix = fn.transforms.scale(matrix, scale=_scalar_xy(flip_x, flip_x * 0.0 + 1.0),
+                                     center=[out_w / 2.0, out_h / 2.0])
+    if spec.translate_px:
+        values = [float(v) for v in range(-spec.translate_px, spec.translate_px + 1)]
+        matrix = fn.transforms.translation(matrix, offset=fn.random.uniform(values=values, shape=[2]))
+    fill = None if spec.reflect_pad else 0.0
+    view = fn.warp_affine(image, matrix=matrix, size=[out_h, out_w], inverse_map=False, fill_value=fill,
+                          interp_type=types.INTERP_LINEAR)
+    if spec.has_colour:
+        def factor(v):
+            return fn.random.uniform(range=[max(0.0, 1.0 - v), 1.0 + v]) if v else 1.0
+
+        brightness, contrast = factor(spec.brightness), factor(spec.contrast)
+        saturation = factor(spec.saturation)
+        hue = fn.random.uniform(range=[-spec.hue * 360.0, spec.hue * 360.0]) if spec.hue else 0.0
+        grey = fn.reductions.mean(fn.color_space_conversion(view, image_type=types.RGB, output_type=types.GRAY))
+        gain, offset = brightness * contrast, brightness * (1.0 - contrast)
+        if gpu and not isinstance(gain, float):
+            gain = gain.gpu()
+        if gpu and not isinstance(offset, float):
+            offset = offset.gpu()
+        # brightness then contrast about the view's mean grey, one float expression; hsv clamps to uint8
+        view = fn.hsv(view * gain + offset * grey, hue=hue, saturation=saturation, dtype=types.UINT8)
+    if spec.noise_std:
+        view = fn.noise.gaussian(view, stddev=spec.noise_std * 255.0)
+    return fn.transpose(view, perm=[2, 0, 1])
+
+
+def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size: int, *, shard_id: int,
+                   num_shards: int, shuffle_buffer: int, seed: int, threads: int, device_id: int | None,
+                   checkpoint: bytes | None = None):
+    """A DALI pipeline yielding one uint8 CHW output per spec, then the int32 label."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch_size, num_threads=max(threads, 1), device_id=device_id, seed=seed,
+                  enable_checkpointing=True, prefetch_queue_depth=2)
+    def graph():
+        jpegs, labels = fn.readers.webdataset(
+            paths=shards, index_paths=[index_name(s) for s in shards], ext=[IMAGE_EXT, LABEL_EXT],
+            dtypes=[types.UINT8, types.INT32], missing_component_behavior="error",
+            shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
+            random_shuffle=shuffle_buffer > 0, initial_fill=max(shuffle_buffer, 1), name="reader")
+        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
+        image = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                  adjust_orientation=False)
+        return (*[view_graph(image, shape, spec, gpu) for spec in specs], labels)
+
+    pipe = graph(checkpoint=checkpoint) if checkpoint is not None else graph()
+    try:
+        pipe.build()
+    except RuntimeError as exc:
+        raise PipelineError(f"DALI could not build the pipeline over {shards[0]} ...: {exc}") from None
+    return pipe
+
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    dali_tensor = tensor_list.as_tensor()
+    out = torch.empty(dali_tensor.shape(), dtype=to_torch_type[dali_tensor.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(dali_tensor, out, cuda_stream=stream)
+    return out
+
+
+def _run(pipe, shards: list[str]):
+    try:
+        return pipe.run()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise PipelineError(f"DALI failed reading {len(shards)} shard(s) starting {shards[0]}: {first}; "
+                            "check the set with `mt-shard verify` and re-pack damaged shards") from None
+
+
+class _DaliStream:
+    """One split's pipeline for this rank, with its per-epoch batch count and drained epoch boundary."""
+
+    def __init__(self, split, specs, batch, cfg: DataConfig, rank, world_size, share, tag, device_id,
+                 shuffle: bool = True):
+        self.shards, counts = split
+        total = sum(counts)
+        self.sharded = not (share and total < world_size * batch)
+        self.shard_id, self.num_shards = (rank, world_size) if self.sharded else (0, 1)
+        self.samples = dali_shard_sizes(total, self.num_shards)[self.shard_id]
+        self.specs, self.batch, self.cfg = specs, batch, cfg
+        self.seed, self.device_id = seed_for(cfg.seed, rank, tag), device_id
+        self.shuffle_buffer = cfg.shuffle_buffer if shuffle else 0
+        self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+        self.names = ("student", "teacher") if len(specs) == 2 else ("image",)
+        self.pipe = None
+        self.run_in_pass = 0  # batches run since the reader's last epoch boundary
+
+    def open(self, checkpoint: bytes | None = None, run_in_pass: int = 0):
+        self.pipe = build_pipeline(self.shards, self.specs, self.batch, shard_id=self.shard_id,
+                                   num_shards=self.num_shards, shuffle_buffer=self.shuffle_buffer,
+                                   seed=self.seed, threads=self.cfg.workers, device_id=self.device_id,
+                                   checkpoint=checkpoint)
+        self.run_in_pass = run_in_pass
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.pipe is None:
+            self.open()
+        outputs = _run(self.pipe, self.shards)
+        self.run_in_pass = (self.run_in_pass + 1) % self.batches_per_pass
+        tensors = [_to_torch(o, self.device) for o in outputs]
+        batch = {"label": tensors[-1].reshape(-1).to(torch.int64)}
+        for name, tensor in zip(self.names, tensors[:-1], strict=True):
+            batch[name] = tensor
+        return batch
+
+    @property
+    def batches_per_pass(self) -> int:
+        return max(math.ceil(self.samples / self.batch), 1)
+
+    def drain(self) -> None:
+        # pad_last_batch keeps passes batch-aligned, so running to the boundary starts a fresh pass
+        while self.run_in_pass:
+            self.next()
+
+    def checkpoint(self) -> str:
+        return base64.b64encode(self.pipe.checkpoint()).decode("ascii") if self.pipe is not None else ""
+
+
+def build_dali(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec, teacher: AugmentSpec,
+               eval_spec: AugmentSpec, rank: int, world_size: int, device_id: int | None):
+    """TrainLoader and ValLoader over DALI pipelines; device_id None = CPU-only graph."""
+    if device_id is None and torch.cuda.is_available():
+        device_id = torch.cuda.current_device()
+    labeled_rows, unlabeled_rows = cfg.labeled_per_batch, cfg.unlabeled_per_batch
+    lab = _DaliStream(labeled, (student, teacher), labeled_rows, cfg, rank, world_size, unlabeled_rows > 0,
+                      "labeled", device_id)
+    unl = (_DaliStream(unlabeled, (student, teacher), unlabeled_rows, cfg, rank, world_size, False,
+                       "unlabeled", device_id) if unlabeled_rows else None)
+    epoch_stream = unl or lab
+    epoch_split, rows = (unlabeled, unlabeled_rows) if unl else (labeled, labeled_rows)
+    per_rank = dali_shard_sizes(sum(epoch_split[1]), world_size)
+    length = min(n // rows for n in per_rank)
+    train = DaliTrainLoader(lab, unl, epoch_stream, length, world_size)
+
+    val_stream = _DaliStream(val, (eval_spec,), cfg.eval_batch_size, cfg, rank, world_size, False, "val", device_id,
+                             shuffle=False)
+    val_rows = dali_shard_sizes(sum(val[1]), world_size)
+    val_batches = max(math.ceil(n / cfg.eval_batch_size) for n in val_rows)
+
+    def val_pass() -> Iterator[dict]:
+        remaining = val_stream.samples
+        for _ in range(val_stream.batches_per_pass if remaining else 0):
+            batch = val_stream.next()
+            valid = torch.arange(cfg.eval_batch_size, device=batch["label"].device) < remaining
+            remaining -= int(valid.sum())
+            batch["label"] = torch.where(valid, batch["label"], torch.full_like(batch["label"], -1))
+            batch["valid"] = valid
+            yield batch
+
+    def empty_val() -> dict:
+        device = val_stream.device
+        return {"image": torch.zeros((cfg.eval_batch_size, 3, *eval_spec.output_size), dtype=torch.uint8, device=device),
+                "label": torch.full((cfg.eval_batch_size,), -1, dtype=torch.int64, device=device),
+                "valid": torch.zeros(cfg.eval_batch_size, dtype=torch.bool, device=device)}
+
+    return train, ValLoader(val_pass, val_batches, empty_val)
+
+
+class DaliTrainLoader(TrainLoader):
+    """TrainLoader whose position is the DALI readers' own checkpoints (exact resume)."""
+
+    def __init__(self, labeled: _DaliStream, unlabeled: _DaliStream | None, epoch_stream: _DaliStream,
+                 length: int, world_size: int) -> None:
+        super().__init__(self._open_epoch_dali, lambda epoch: [length], length, world_size, 1)
+        self.labeled, self.unlabeled, self.epoch_stream = labeled, unlabeled, epoch_stream
+
+    def _open_epoch_dali(self, epoch: int, skips: list[int]) -> Iterator[dict]:
+        for index in range(skips[0], len(self)):
+            labeled = self.labeled.next()
+            unlabeled = self.unlabeled.next() if self.unlabeled is not None else None
+            batch = compose_batch(labeled, unlabeled)
+            batch.update(_worker=0, _index=index, _skipped=0)
+            yield batch
+        self.epoch_stream.drain()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["dali"] = {"labeled": self.labeled.checkpoint(), "labeled_run": self.labeled.run_in_pass}
+        if self.unlabeled is not None:
+            state["dali"].update(unlabeled=self.unlabeled.checkpoint(), unlabeled_run=self.unlabeled.run_in_pass)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        saved = state.get("dali", {})
+        for name, stream in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
+            if stream is not None and saved.get(name):
+                stream.open(base64.b64decode(saved[name]), int(saved.get(f"{name}_run", 0)))
