@@ -29,6 +29,7 @@ from shard_tools.format import (
 from shard_tools.imaging import BadImage, encode_for_shard, inspect, read_bytes
 from shard_tools.plan import PackPlan, ShardTask, make_plan, write_set_files
 from shard_tools.sources import DIGITS, load_source
+from shard_tools.split import read_labels_file
 from shard_tools.writer import ShardResult, sample_members, write_shard
 
 STATE_NAME = ".mt-shard-pack.json"  # resume state of an unfinished pack; removed when it completes
@@ -211,6 +212,8 @@ def pack(
         return PackSummary(out, counts, len(manifest.skipped), total, 0.0, 0, already_complete=True)
 
     collection = load_source(source, str(classes_file) if classes_file else None, str(val_list) if val_list else None)
+    if labels_file is not None:
+        read_labels_file(labels_file, collection.classes)  # its errors show before the long check
     items = collection.train + (collection.val or [])
     scans = list(
         tqdm(
