@@ -63,11 +63,23 @@ def list_images(train_dir: Path) -> list[tuple[Path, int]]:
 
 
 def pack_tree(tree: Path, out_dir: Path, workers: int, max_side: int | None = None):
-    """The product's packer (what `mt-shard pack` runs), quiet, on the benchmark tree."""
+    """The product's packer (what `mt-shard pack` runs), quiet, on the benchmark tree.
+
+    Every image goes into the set (no val carved out of a tree that has no val/ folder), so the
+    packer, the TarWriter loop and the loaders all handle the same samples.
+    """
     from shard_tools.pack import pack
 
+    has_val = (tree / "train").is_dir() and (tree / "val").is_dir()
     return pack(
-        tree, out_dir, label_fraction=0.25, seed=0, max_side=max_side, workers=workers, progress=False
+        tree,
+        out_dir,
+        label_fraction=0.25,
+        seed=0,
+        val_fraction=None if has_val else 0.0,
+        max_side=max_side,
+        workers=workers,
+        progress=False,
     )
 
 
@@ -106,7 +118,8 @@ def bench_pack(
     """
     workers = workers or usable_cores()
     samples = list_images(training_folder(tree))
-    total = len(samples) + len(list_images(tree / "val")) if (tree / "train").is_dir() else len(samples)
+    if (tree / "train").is_dir():
+        samples += list_images(tree / "val")  # the packer writes the val part too
     variants: list[tuple[str, Callable[[Path], object], dict]] = [
         ("pack/workers_1", lambda out: pack_tree(tree, out, 1), {"workers": 1, "max_side": None}),
         (
@@ -133,7 +146,7 @@ def bench_pack(
             out = work_dir / f"pack-{repeat}-{name.split('/')[1]}"
             with Stopwatch() as watch:
                 result = run(out)
-            counts[name] = result if isinstance(result, int) else total
+            counts[name] = result if isinstance(result, int) else result.images
             rates[name].append(counts[name] / watch.seconds)
             shutil.rmtree(out, ignore_errors=True)
     return [figure(name, "img/s", rates[name], images=counts[name], **detail) for name, _, detail in variants]

@@ -68,9 +68,12 @@ def _preset_config(model_name: str, device: Device, batch_size: int, labeled: in
 class StepBench:
     """A student, its teacher and optimizer, and one synthetic batch; times supervised and MT steps.
 
-    The steps are composed from the core's functions exactly as mt_scale.train's loop composes
-    them: normalise on the device, student forward (and teacher forward without gradients),
-    `losses.mean_teacher_loss`, backward, optimizer and LR-scheduler step, `teacher.update_teacher`.
+    mt_scale.train keeps its step inline in the loop (no reusable function), so the Mean Teacher step
+    here is composed from the same core calls in the same order: normalise both views on the device,
+    teacher forward (no gradients), student forward, `losses.mean_teacher_loss`, backward, optimizer
+    step, zero_grad, LR-scheduler step, `teacher.update_teacher`. Accelerate is left out (one process:
+    its backward is loss.backward()). The supervised step is what a user would otherwise run: the
+    same student on an all-labeled batch of the same size, with no teacher.
     """
 
     def __init__(self, cfg, device: Device, image_size: int) -> None:
@@ -87,13 +90,15 @@ class StepBench:
         batch, labeled = cfg.data.batch_size, cfg.data.labeled_per_batch
         shape = (batch, 3, image_size, image_size)
         generator = torch.Generator().manual_seed(0)
-        self.student_view = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
-        self.teacher_view = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        self.student_view = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(
+            device.name
+        )
+        self.teacher_view = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(
+            device.name
+        )
         labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
         self.all_labeled = labels.to(device.name)
         self.mixed_labels = torch.where(torch.arange(batch) < labeled, labels, -1).to(device.name)
-        self.student_view = self.student_view.to(device.name)
-        self.teacher_view = self.teacher_view.to(device.name)
         self.step_count = 0
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -103,31 +108,32 @@ class StepBench:
         return normalize(images, data.mean, data.std, channels_last=self.device.channels_last)
 
     def _finish(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step_count += 1
 
     def supervised_step(self) -> None:
-        """The trainer with mt.enabled=false: every row labeled, one view, no teacher."""
-        from mt_scale.losses import mean_teacher_loss
+        from mt_scale.losses import class_loss
 
         with self.device.autocast():
-            out = self.student(self._inputs(self.student_view))
-            loss = mean_teacher_loss(out, out, self.all_labeled, consistency_weight=0.0)
-        self._finish(loss["total"])
+            class_logits, _ = self.student(self._inputs(self.student_view))
+            loss = class_loss(class_logits, self.all_labeled) / self.all_labeled.shape[0]
+        self._finish(loss)
 
     def mean_teacher_step(self) -> None:
         from mt_scale.losses import mean_teacher_loss
         from mt_scale.teacher import update_teacher
 
         mt = self.cfg.mt
+        student_in = self._inputs(self.student_view)
+        teacher_in = self._inputs(self.teacher_view)
+        with torch.no_grad(), self.device.autocast():
+            teacher_out = self.teacher(teacher_in)
         with self.device.autocast():
-            student_out = self.student(self._inputs(self.student_view))
-            with torch.no_grad():
-                teacher_out = self.teacher(self._inputs(self.teacher_view))
-            loss = mean_teacher_loss(
+            student_out = self.student(student_in)
+            losses = mean_teacher_loss(
                 student_out,
                 teacher_out,
                 self.mixed_labels,
@@ -135,7 +141,7 @@ class StepBench:
                 consistency=mt.consistency,
                 logit_distance_cost=mt.logit_distance_cost,
             )
-        self._finish(loss["total"])
+        self._finish(losses["total"])
         update_teacher(self.teacher, self.student, mt.ema_decay, self.step_count)
 
     def time_steps(self, step, count: int) -> float:

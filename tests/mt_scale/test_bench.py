@@ -1,0 +1,171 @@
+"""mt-bench at tiny sizes: every subcommand's JSON schema, and figures that agree with each other.
+
+No timing thresholds (the machine is shared): the checks are on counts, names, units, statistics
+and ratios that must follow from the raw values.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from mt_scale import bench
+from mt_scale.bench_common import figure
+
+PIPELINE_FIGURES = {"pipeline/dali", "pipeline/torch", "pipeline/reference", "pipeline/decode_ceiling"}
+PACK_FIGURES = {
+    "pack/workers_1",
+    "pack/workers_all",
+    "pack/workers_1_max_side",
+    "pack/workers_all_max_side",
+    "pack/tarwriter_loop",
+}
+RESNET18_PARAMETERS = 11_689_512  # torchvision/timm resnet18 with a 1000-class head
+
+
+def run_bench(tmp_path: Path, capsys: pytest.CaptureFixture, *argv: str) -> dict:
+    out = tmp_path / "bench.json"
+    assert bench.main([*argv, "--json", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    check_schema(report)
+    for result in report["results"]:  # the table shows every figure
+        assert result["name"] in printed
+    return report
+
+
+def check_schema(report: dict) -> None:
+    assert report["tool"] == "mt-bench"
+    machine = report["machine"]
+    assert machine["usable_cores"] >= 1 and machine["cpu_count"] >= machine["usable_cores"]
+    assert report["libraries"]["torch"] and report["libraries"]["timm"] and report["libraries"]["webdataset"]
+    names = [result["name"] for result in report["results"]]
+    assert len(names) == len(set(names))
+    for result in report["results"]:
+        assert set(result) >= {"name", "unit", "median", "min", "max", "repeats", "values", "detail"}
+        assert len(result["values"]) == result["repeats"]
+        assert result["min"] == min(result["values"]) and result["max"] == max(result["values"])
+        assert result["median"] == pytest.approx(statistics.median(result["values"]))
+        assert 0 < result["min"] <= result["median"] <= result["max"]
+
+
+def by_name(report: dict) -> dict[str, dict]:
+    return {result["name"]: result for result in report["results"]}
+
+
+def test_figure_statistics_and_table() -> None:
+    result = figure("x/y", "img/s", [3.0, 1.0, 2.0, 10.0], images=5)
+    assert (result["median"], result["min"], result["max"], result["repeats"]) == (2.5, 1.0, 10.0, 4)
+    assert result["detail"] == {"images": 5}
+    table = bench.format_table([result]).splitlines()
+    assert table[0].split() == ["figure", "unit", "median", "min", "max", "n"]
+    assert table[2].split() == ["x/y", "img/s", "2.5", "1", "10", "4"]
+    with pytest.raises(ValueError):
+        figure("x/y", "img/s", [])
+
+
+def test_targets_and_derived_pipeline_ratios() -> None:
+    results = [
+        figure("pipeline/torch", "img/s", [600.0, 660.0]),
+        figure("pipeline/dali", "img/s", [200.0, 220.0]),
+        figure("pipeline/reference", "img/s", [100.0, 200.0]),
+        figure("pipeline/decode_ceiling", "img/s", [1200.0, 1100.0]),
+    ]
+    derived = by_name({"results": bench._derived_pipeline(results)})
+    # The best backend (torch) divided repeat by repeat, since the contenders ran interleaved.
+    assert derived["pipeline/best_vs_reference"]["values"] == [6.0, 3.3]
+    assert derived["pipeline/best_vs_ceiling"]["values"] == [0.5, 0.6]
+    assert derived["pipeline/best_vs_reference"]["detail"] == {"best": "pipeline/torch"}
+    checks = {c["figure"]: c["holds"] for c in bench.check_targets(results + list(derived.values()))}
+    assert checks == {"pipeline/best_vs_reference": True, "pipeline/best_vs_ceiling": True}
+    slow = [figure("train/step_ratio", "x", [1.6]), figure("ema/speedup", "x", [1.1])]
+    assert [c["holds"] for c in bench.check_targets(slow)] == [False, False]
+
+
+def test_pack_counts_every_generated_image(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report = run_bench(
+        tmp_path, capsys, "pack", "--count", "12", "--size", "96x72", "--max-side", "48", "--repeats", "2"
+    )
+    results = by_name(report)
+    assert set(results) == PACK_FIGURES
+    for result in results.values():
+        assert result["unit"] == "img/s" and result["detail"]["images"] == 12
+    assert results["pack/workers_1"]["detail"]["workers"] == 1
+    assert results["pack/workers_all"]["detail"]["workers"] == report["machine"]["usable_cores"]
+    assert results["pack/workers_1_max_side"]["detail"]["max_side"] == 48
+    assert (tmp_path / "work" / "photos" / "train").is_dir()  # --work-dir keeps the generated inputs
+    assert not list((tmp_path / "work").glob("pack-*"))  # each repeat's output is removed
+
+
+def test_pipeline_on_an_existing_tree(
+    photo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    plot = tmp_path / "pipeline.png"
+    report = run_bench(
+        tmp_path, capsys, "pipeline", "--images", str(photo_tree), "--batch-size", "8",
+        "--labeled-per-batch", "2", "--workers", "1", "--repeats", "1", "--plot", str(plot),
+    )  # fmt: skip
+    results = by_name(report)
+    assert set(results) == PIPELINE_FIGURES | {"pipeline/best_vs_reference", "pipeline/best_vs_ceiling"}
+    # The photo tree has 64 training JPEGs: the baselines read each once per epoch; the backends'
+    # epoch is the 48 unlabeled images in batches of 6 (+2 labeled) = 8 batches of 8 rows.
+    for name in PIPELINE_FIGURES:
+        assert results[name]["detail"]["images_per_epoch"] == 64, name
+        assert results[name]["detail"]["source_images"] == 64
+    assert results["pipeline/dali"]["detail"]["backend"] == "dali"
+    assert results["pipeline/torch"]["detail"]["backend"] == "torch"
+    best = max(results[f"pipeline/{b}"]["median"] for b in ("dali", "torch"))
+    ratio = results["pipeline/best_vs_reference"]["median"]
+    assert ratio == pytest.approx(best / results["pipeline/reference"]["median"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_ratio_follows_from_the_two_rates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report = run_bench(
+        tmp_path, capsys, "train", "--model", "resnet18", "--image-size", "32", "--batch-size", "8",
+        "--steps", "1", "--repeats", "2", "--device", "cpu",
+    )  # fmt: skip
+    results = by_name(report)
+    assert set(results) == {"train/supervised", "train/mean_teacher", "train/step_ratio"}
+    sup, mt = results["train/supervised"]["values"], results["train/mean_teacher"]["values"]
+    # Same batch and step count: time ratio = inverse ratio of the image rates, repeat by repeat.
+    assert results["train/step_ratio"]["values"] == pytest.approx([s / m for s, m in zip(sup, mt, strict=True)])
+    detail = results["train/step_ratio"]["detail"]
+    assert (detail["model"], detail["image_size"], detail["batch_size"]) == ("resnet18", 32, 8)
+    assert (detail["labeled_per_batch"], detail["device"], detail["precision"]) == (2, "cpu", "fp32")
+
+
+def test_ema_speedup_follows_from_the_two_times(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    report = run_bench(tmp_path, capsys, "ema", "--model", "resnet18", "--updates", "2", "--repeats", "2")
+    results = by_name(report)
+    fused, loop = results["ema/fused_ms"]["values"], results["ema/loop_ms"]["values"]
+    assert results["ema/speedup"]["values"] == pytest.approx([lo / fu for lo, fu in zip(loop, fused, strict=True)])
+    assert results["ema/fused_ms"]["unit"] == "ms" and results["ema/speedup"]["unit"] == "x"
+    assert results["ema/speedup"]["detail"]["parameters"] == RESNET18_PARAMETERS
+
+
+def test_all_runs_every_stage(
+    photo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = {"pipeline_batch_size": 8, "labeled_per_batch": 2, "backends": "torch", "train_model": "resnet18",
+            "image_size": 32, "train_batch_size": 8, "steps": 1, "ema_model": "resnet18", "updates": 1}
+    monkeypatch.setattr(bench, "STAGE_DEFAULTS", {**bench.STAGE_DEFAULTS, **tiny})
+    report = run_bench(
+        tmp_path, capsys, "all", "--images", str(photo_tree), "--workers", "1", "--repeats", "1",
+        "--device", "cpu",
+    )  # fmt: skip
+    names = set(by_name(report))
+    assert PACK_FIGURES <= names
+    assert {"pipeline/torch", "pipeline/reference", "pipeline/decode_ceiling"} <= names
+    assert {"train/step_ratio", "ema/speedup", "pipeline/best_vs_reference"} <= names
+    assert {check["figure"] for check in report["targets"]} == {name for name, *_ in bench.TARGETS}
+    assert report["settings"]["command"] == "all"
+
+
+def test_bad_images_folder_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert bench.main(["pipeline", "--images", str(tmp_path / "missing"), "--repeats", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mt-bench: ") and "--images" in err[0]
