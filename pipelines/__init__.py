@@ -76,10 +76,11 @@ def _split(shard_dir: Path, manifest, name: str, need_index: bool) -> tuple[list
 
 
 def build_loaders(shard_dir: str | Path, cfg: DataConfig, rank: int = 0, world_size: int = 1,
-                  backend: str | None = None, *, device_id: int | None = None) -> Loaders:
+                  backend: str | None = None, *, device_id: int | None = None, with_keys: bool = False) -> Loaders:
     """Train and val loaders for `rank` of `world_size` (from Accelerate), per pipelines.mixing's rules.
 
     `backend` overrides cfg.backend; `device_id` is the CUDA device for DALI (default: the current one).
+    `with_keys` (torch backend only) adds "key", the list of sample keys, to every batch.
     """
     cfg.validate()
     if not 0 <= rank < world_size:
@@ -106,11 +107,14 @@ def build_loaders(shard_dir: str | Path, cfg: DataConfig, rank: int = 0, world_s
     if chosen == "dali":
         from pipelines.dali import build_dali
 
+        if with_keys:
+            raise PipelineError("with_keys needs the torch backend (DALI graphs carry no sample keys)")
+
         train, val_loader = build_dali(labeled, unlabeled, val, cfg, student, teacher, eval_spec, rank,
                                        world_size, device_id)
     else:
         train, val_loader = _build_torch(labeled, unlabeled, val, cfg, student, teacher, eval_spec, rank,
-                                         world_size)
+                                         world_size, with_keys)
     if len(train) == 0:
         raise PipelineError(
             f"{shard_dir}: no full training batch per rank (batch of {cfg.labeled_per_batch} labeled + "
@@ -122,12 +126,13 @@ def build_loaders(shard_dir: str | Path, cfg: DataConfig, rank: int = 0, world_s
 
 
 def _build_torch(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec, teacher: AugmentSpec,
-                 eval_spec: AugmentSpec, rank: int, world_size: int) -> tuple[TrainLoader, ValLoader]:
+                 eval_spec: AugmentSpec, rank: int, world_size: int, with_keys: bool) -> tuple[TrainLoader, ValLoader]:
     from pipelines.torch_loader import TrainStream, ValStream, make_dataloader
 
     workers = max(cfg.workers, 1)
     stream = TrainStream(labeled, unlabeled, student, teacher, cfg.labeled_per_batch, cfg.batch_size,
                          cfg.shuffle_buffer, cfg.seed, rank, world_size, workers)
+    stream.with_keys = with_keys
     epoch_split = unlabeled if cfg.unlabeled_per_batch else labeled
     per_batch = cfg.unlabeled_per_batch or cfg.labeled_per_batch
 
@@ -138,6 +143,7 @@ def _build_torch(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec,
     train = TrainLoader(open_epoch, lambda epoch: worker_quotas(epoch_split[1], rank, world_size, workers, per_batch),
                         batches_per_epoch(epoch_split[1], world_size, workers, per_batch), world_size, workers)
     val_stream = ValStream(val, eval_spec, cfg.eval_batch_size, rank, world_size, workers)
+    val_stream.with_keys = with_keys
     val_batches = max(sum(val_stream.batch_counts(r)) for r in range(world_size))
 
     def empty_val() -> dict:

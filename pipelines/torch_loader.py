@@ -180,6 +180,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
         self.epoch = 0
         self.skips: list[int] | None = None
+        self.with_keys = False  # add "key": list of sample keys to each batch (tests, debugging)
 
     def quotas(self) -> list[int]:
         unlabeled_rows = self.batch_size - self.labeled_per_batch
@@ -214,7 +215,7 @@ class TrainStream(IterableDataset):
             student = _shared_batch(self.batch_size, out_size)
             teacher = _shared_batch(self.batch_size, self.specs[1].output_size)
             labels = torch.empty(self.batch_size, dtype=torch.int64)
-            skipped = 0
+            skipped, keys = 0, []
             student_np, teacher_np = student.numpy(), teacher.numpy()
             for row in range(self.batch_size):
                 source = labeled if row < labeled_rows else unlabeled
@@ -229,8 +230,12 @@ class TrainStream(IterableDataset):
                     skipped += 1
                     warnings.warn(f"skipping sample {key!r}: its image does not decode", stacklevel=1)
                 labels[row] = label if row < labeled_rows else -1
-            yield {"student": student, "teacher": teacher, "label": labels,
-                   "_worker": worker, "_index": index, "_skipped": skipped}
+                keys.append(key)
+            batch = {"student": student, "teacher": teacher, "label": labels,
+                     "_worker": worker, "_index": index, "_skipped": skipped}
+            if self.with_keys:
+                batch["key"] = keys
+            yield batch
 
 
 class ValStream(IterableDataset):
@@ -240,6 +245,7 @@ class ValStream(IterableDataset):
                  rank: int, world_size: int, workers: int) -> None:
         self.split, self.spec, self.batch_size = split, spec, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
+        self.with_keys = False
 
     def batch_counts(self, rank: int | None = None) -> list[int]:
         rank = self.rank if rank is None else rank
@@ -254,7 +260,8 @@ class ValStream(IterableDataset):
         stream = sample_stream(self.split[0], rank=self.rank, world_size=self.world_size, worker=worker,
                                workers=self.workers, share_if_short=False, shuffle_buffer=0, seed=0, cycle=False)
         rng = np.random.default_rng(0)  # eval views draw nothing random; kept for the shared signature
-        rows: list[tuple[int, int]] = []
+        rows: list[int] = []
+        keys: list[str] = []
         images = _shared_batch(self.batch_size, self.spec.output_size)
         skipped = 0
         for key, data, label in stream:
@@ -263,21 +270,26 @@ class ValStream(IterableDataset):
                 warnings.warn(f"skipping val sample {key!r}: its image does not decode", stacklevel=1)
                 continue
             rows.append(label)
+            keys.append(key)
             if len(rows) == self.batch_size:
-                yield _val_batch(images, rows, self.batch_size, skipped)
-                images, rows, skipped = _shared_batch(self.batch_size, self.spec.output_size), [], 0
+                yield _val_batch(images, rows, self.batch_size, skipped, keys if self.with_keys else None)
+                images, rows, keys, skipped = _shared_batch(self.batch_size, self.spec.output_size), [], [], 0
         if rows or skipped:
-            yield _val_batch(images, rows, self.batch_size, skipped)
+            yield _val_batch(images, rows, self.batch_size, skipped, keys if self.with_keys else None)
 
 
-def _val_batch(images: torch.Tensor, labels: list[int], batch_size: int, skipped: int) -> dict:
+def _val_batch(images: torch.Tensor, labels: list[int], batch_size: int, skipped: int,
+               keys: list[str] | None) -> dict:
     valid = torch.zeros(batch_size, dtype=torch.bool)
     valid[:len(labels)] = True
     label = torch.full((batch_size,), -1, dtype=torch.int64)
     label[:len(labels)] = torch.tensor(labels, dtype=torch.int64)
     if len(labels) < batch_size:
         images[len(labels):] = 0
-    return {"image": images, "label": label, "valid": valid, "_skipped": skipped}
+    batch = {"image": images, "label": label, "valid": valid, "_skipped": skipped}
+    if keys is not None:
+        batch["key"] = keys
+    return batch
 
 
 def make_dataloader(dataset: IterableDataset, workers: int) -> DataLoader:
