@@ -247,7 +247,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> MeanTeacherNet:
     with `compile_model` after Accelerate has wrapped the student (compiling the DDP module, as
     PyTorch recommends); the teacher helpers unwrap compiled students.
     """
-    if cfg.name not in timm.list_models():
+    if not timm.is_model(cfg.name):
         raise MtScaleError(
             f"model.name={cfg.name!r} is not a timm model; see timm.list_models() "
             "(ours: mt_resnext152_32x4d, cifar_shakeshake26, mt_digits_cnn)"

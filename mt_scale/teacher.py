@@ -21,6 +21,9 @@ its own data, so `update_teacher` averages the teacher's floating-point buffers 
 (one all-reduce of one flat buffer: 0.6 MB for ResNet-152) whenever torch.distributed is
 initialised with world size > 1: the result is the same teacher on every rank.
 
+timm's ModelEmaV3 uses the same foreach lerp but its own decay warm-up, and it averages or copies
+the buffers and keeps its copy in eval mode, so it is not the reference's rule and is not reused.
+
 Students wrapped by DistributedDataParallel/DataParallel (`.module`) or torch.compile
 (`._orig_mod`) are unwrapped; the teacher itself is never wrapped in DDP.
 """
