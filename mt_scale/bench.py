@@ -272,7 +272,7 @@ def plot_pipeline(results: list[dict], path: Path, title: str = "") -> None:
     ax.set_yticks(range(len(bars)), [labels.get(r["name"], r["name"]) for r in bars])
     ax.invert_yaxis()
     for index, value in enumerate(medians):
-        ax.text(value, index, f"  {value:,.0f}", va="center")
+        ax.text(bars[index]["max"], index, f"  {value:,.0f}", va="center")
     ax.set_xlabel("training images/s (two augmented views each; decode ceiling: one decode)")
     ax.set_xlim(0, max(r["max"] for r in bars) * 1.18)
     ax.set_title(title or "Two-view ImageNet-style loading")
