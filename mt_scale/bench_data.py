@@ -205,23 +205,41 @@ def decode_epoch(pool, paths: list[str]) -> int:
 # --------------------------------------------------------------------------- pipeline
 
 
+def _training_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _our_loader_epoch(loaders, mean, std) -> int:
+    import torch
+
     from pipelines import normalize
 
+    device = _training_device()
     images = 0
     for batch in loaders.train:
-        # Count the work a training step needs before its forward pass: both views as float tensors,
-        # which is what the reference loader hands over too.
-        normalize(batch["student"], mean, std)
-        normalize(batch["teacher"], mean, std)
+        # Count the work a training step needs before its forward pass: both views as float tensors on
+        # the training device (as mt_scale.train does), which is what the reference loader hands over.
+        normalize(batch["student"].to(device, non_blocking=True), mean, std)
+        normalize(batch["teacher"].to(device, non_blocking=True), mean, std)
         images += int(batch["student"].shape[0])
+    if device == "cuda":
+        torch.cuda.synchronize()
     return images
 
 
 def _reference_epoch(loader) -> int:
+    import torch
+
+    device = _training_device()
     images = 0
-    for (student, _teacher), _labels in loader:
+    for (student, teacher), _labels in loader:
+        student.to(device, non_blocking=True)
+        teacher.to(device, non_blocking=True)
         images += int(student.shape[0])
+    if device == "cuda":
+        torch.cuda.synchronize()
     return images
 
 
