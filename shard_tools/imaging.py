@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import warnings
 
+import cv2
+import numpy as np
 from PIL import Image
 
 # Keep the original bytes of JPEGs in these modes; anything else (PNG, CMYK JPEG, ...) is re-encoded
@@ -81,7 +83,9 @@ def encode_for_shard(raw: bytes, max_side: int | None, quality: int) -> bytes:
             image.draft("RGB", target)
         image = image.convert("RGB")
         if image.size != target:
-            image = image.resize(target, Image.BICUBIC)
+            # OpenCV's area average: the usual filter for shrinking, about twice as fast as PIL's bicubic.
+            pixels = cv2.resize(np.asarray(image), target, interpolation=cv2.INTER_AREA)
+            image = Image.fromarray(pixels)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=int(quality))
         return buffer.getvalue()

@@ -117,9 +117,15 @@ def _out_state(out: Path, pack_args: dict) -> str:
     return "new"
 
 
+def _worker_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
+
+
 def _pool(workers: int):
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers)
+    return multiprocessing.get_context(method).Pool(workers, initializer=_worker_init)
 
 
 def _parallel_map(function: Callable, tasks: list, workers: int, ordered: bool, chunksize: int = 1) -> Iterable:
@@ -230,9 +236,14 @@ def pack(
     if state == "resume":
         records = json.loads((out / STATE_NAME).read_text()).get("shards", {})
     records = {t.name: records[t.name] for t in plan.tasks if _shard_done(out, records.get(t.name), t)}
+    planned = {t.name for t in plan.tasks} | {index_name(t.name) for t in plan.tasks}
+    for leftover in [*out.glob("*.tar"), *out.glob("*.idx")]:
+        if leftover.name not in planned:  # from an earlier plan of this pack (the input changed since)
+            leftover.unlink()
     save_state = lambda: atomic_write(out / STATE_NAME, json.dumps({"pack_args": pack_args, "shards": records}))  # noqa: E731
     save_state()
-    todo = [task for task in plan.tasks if task.name not in records]
+    # Largest shards first, so the last ones to finish are small and workers end together.
+    todo = sorted((t for t in plan.tasks if t.name not in records), key=lambda t: -len(t.samples))
     bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
     for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
         records[result.name] = {

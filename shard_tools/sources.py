@@ -76,6 +76,14 @@ def read_classes_file(path: str | Path) -> list[str]:
     dupes = sorted({name for name in classes if classes.count(name) > 1})
     if dupes:
         raise ShardFormatError(f"{path}: class {dupes[0]!r} is listed twice; list each class once")
+    return _check_class_names(classes, str(path))
+
+
+def _check_class_names(classes: list[str], where: str) -> list[str]:
+    # labels.txt lines are '<key> <class name>': a name with a space could not be read back.
+    for name in classes:
+        if not name or any(c.isspace() for c in name):
+            raise ShardFormatError(f"{where}: class name {name!r} holds white space; rename it (e.g. use '_')")
     return classes
 
 
@@ -122,6 +130,7 @@ def _load_tree(root: Path, classes_file: str | None) -> Collection:
         classes = read_classes_file(classes_file)
     else:
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        _check_class_names(classes, str(train_dir))
         if not classes:
             raise ShardFormatError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image files>")
     train = _tree_part(train_dir, root, classes, classes_file, need_all=True)

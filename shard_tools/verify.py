@@ -22,6 +22,7 @@ from shard_tools.format import (
     IMAGE_EXT,
     LABEL_EXT,
     LABELS_NAME,
+    MANIFEST_NAME,
     NO_LABEL,
     SAMPLE_EXTS,
     SPLITS,
@@ -170,4 +171,11 @@ def verify(shard_dir: str | Path, decode: bool = False, progress: bool = False) 
     stray = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
     problems.extend(f"{name}: a shard not in the manifest (left from another pack?)" for name in stray)
     problems.extend(_check_label_files(folder, manifest.classes, labels_by_split))
+    per_class = [0] * manifest.num_classes
+    for label in labels_by_split[TRAIN_LABELED].values():
+        if 0 <= label < manifest.num_classes:
+            per_class[label] += 1
+    stated = manifest.label_split.get("labeled_per_class")
+    if stated is not None and stated != per_class:
+        problems.append(f"{MANIFEST_NAME}: labeled_per_class {stated} but the labeled shards hold {per_class}")
     return problems
