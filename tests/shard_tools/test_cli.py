@@ -179,3 +179,10 @@ def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_class_names_with_white_space_are_refused(tmp_path: Path, capsys):
+    tree = _tiny_tree(tmp_path / "t")
+    (tree / "train" / "n00000001").rename(tree / "train" / "great white")
+    line = _error(capsys, ["pack", str(tree), str(tmp_path / "out")])
+    assert "class name 'great white' holds white space" in line and not (tmp_path / "out").exists()

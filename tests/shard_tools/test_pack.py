@@ -212,3 +212,28 @@ def test_copied_set_is_still_a_valid_set(photo_shards: Path, tmp_path: Path):
     copy = tmp_path / "copy"
     shutil.copytree(photo_shards, copy)
     assert verify(copy) == []
+
+
+def test_resume_after_the_input_changed_drops_stale_shards(tmp_path: Path, monkeypatch):
+    tree = write_photo_tree(tmp_path / "t", count=12, num_classes=2, size=(40, 30), seed=2)
+    out = tmp_path / "out"
+    real = pack_module._pack_shard
+    calls = {"n": 0}
+
+    def dies_on_fourth(task):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(pack_module, "_pack_shard", dies_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        pack(tree, out, label_fraction=1.0, val_fraction=0, shard_size=2, workers=1, progress=False)
+    monkeypatch.setattr(pack_module, "_pack_shard", real)
+    assert len(list(out.glob("*.tar"))) == 3
+    for image in sorted((tree / "train" / "n00000001").iterdir())[:4]:
+        image.unlink()  # 12 -> 8 images: 4 shards instead of 6, and different contents
+    summary = pack(tree, out, label_fraction=1.0, val_fraction=0, shard_size=2, workers=1, progress=False)
+    assert summary.counts[TRAIN_LABELED] == 8
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"train-labeled-00000{i}.tar" for i in range(4)]
+    assert verify(out) == []
