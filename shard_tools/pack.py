@@ -75,10 +75,6 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _file_digest(path: str | None) -> str | None:
-    return sha256_file(path) if path else None
-
-
 def _check_options(quality: int, shard_size: int, shard_bytes: int | None, workers: int, max_side: int | None,
                    labels_per_class, label_fraction, labels_file) -> None:
     if sum(x is not None for x in (labels_per_class, label_fraction, labels_file)) > 1:
@@ -171,6 +167,20 @@ def _shard_done(out: Path, record: dict | None, task: ShardTask) -> bool:
     return sha256_file(tar_path) == record["sha256"]
 
 
+def _finished_shards(out: Path, plan: PackPlan, resuming: bool) -> dict[str, dict]:
+    """Records of the shards an interrupted run finished and that still match the plan; clears the rest."""
+    remove_partials(out)
+    records: dict[str, dict] = {}
+    if resuming:
+        records = json.loads((out / STATE_NAME).read_text()).get("shards", {})
+    records = {t.name: records[t.name] for t in plan.tasks if _shard_done(out, records.get(t.name), t)}
+    planned = {t.name for t in plan.tasks} | {index_name(t.name) for t in plan.tasks}
+    for leftover in [*out.glob("*.tar"), *out.glob("*.idx")]:
+        if leftover.name not in planned:  # from an earlier plan of this pack (the input changed since)
+            leftover.unlink()
+    return records
+
+
 def pack(
     source: str | Path,
     out_dir: str | Path,
@@ -196,18 +206,19 @@ def pack(
     out = Path(out_dir)
     if labels_file is not None and not Path(labels_file).is_file():
         raise ShardFormatError(f"{labels_file}: no such labels file; check --labels")
+    # Everything that decides the output (not the worker count): a resume must match it exactly.
     pack_args = {
         "source": DIGITS if str(source) == DIGITS else str(Path(source).resolve()),
         "labels_per_class": labels_per_class,
         "label_fraction": label_fraction,
-        "labels_file_sha256": _file_digest(str(labels_file) if labels_file else None),
+        "labels_file_sha256": sha256_file(labels_file) if labels_file else None,
         "seed": int(seed),
         "val_fraction": val_fraction,
         "max_side": max_side,
         "quality": int(quality),
         "shard_size": int(shard_size),
         "shard_bytes": shard_bytes,
-        "classes_file_sha256": _file_digest(str(classes_file) if classes_file else None),
+        "classes_file_sha256": sha256_file(classes_file) if classes_file else None,
         "val_list": str(Path(val_list).resolve()) if val_list else None,
     }
     state = _out_state(out, pack_args)
@@ -231,30 +242,21 @@ def pack(
 
     # Everything a user can get wrong has been checked: from here on files are written.
     out.mkdir(parents=True, exist_ok=True)
-    remove_partials(out)
-    records: dict[str, dict] = {}
-    if state == "resume":
-        records = json.loads((out / STATE_NAME).read_text()).get("shards", {})
-    records = {t.name: records[t.name] for t in plan.tasks if _shard_done(out, records.get(t.name), t)}
-    planned = {t.name for t in plan.tasks} | {index_name(t.name) for t in plan.tasks}
-    for leftover in [*out.glob("*.tar"), *out.glob("*.idx")]:
-        if leftover.name not in planned:  # from an earlier plan of this pack (the input changed since)
-            leftover.unlink()
+    records = _finished_shards(out, plan, resuming=state == "resume")
     save_state = lambda: atomic_write(out / STATE_NAME, json.dumps({"pack_args": pack_args, "shards": records}))  # noqa: E731
     save_state()
     # Largest shards first, so the last ones to finish are small and workers end together.
     todo = sorted((t for t in plan.tasks if t.name not in records), key=lambda t: -len(t.samples))
+    plan_hashes = {t.name: t.plan_hash for t in todo}
     bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
     for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
-        records[result.name] = {
-            "plan": next(t.plan_hash for t in todo if t.name == result.name),
-            "sha256": result.sha256, "count": result.count, "bytes": result.bytes, "skipped": skipped,
-        }
+        records[result.name] = {"plan": plan_hashes[result.name], "sha256": result.sha256, "count": result.count,
+                                "bytes": result.bytes, "skipped": skipped}
         save_state()
         bar.update(result.count + len(skipped))
     bar.close()
 
-    manifest = write_set_files(out, plan, records, collection)
+    manifest = write_set_files(out, plan, records)
     (out / STATE_NAME).unlink(missing_ok=True)
     counts = {name: manifest.split(name).num_samples for name in SPLITS}
     size = sum(sum(manifest.split(name).bytes) for name in SPLITS)

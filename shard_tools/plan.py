@@ -191,7 +191,7 @@ def make_plan(collection: Collection, scans: list[tuple], pack_args: dict, *, la
     )
 
 
-def write_set_files(out: Path, plan: PackPlan, records: dict[str, dict], _collection=None) -> Manifest:
+def write_set_files(out: Path, plan: PackPlan, records: dict[str, dict]) -> Manifest:
     """labels.txt, train-classes.txt and, last, manifest.json (its presence marks a finished set)."""
     skipped = list(plan.skipped)
     lost: set[str] = set()
