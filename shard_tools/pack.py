@@ -8,6 +8,7 @@ manifest. A killed pack resumes: finished shards whose plan and sha256 still mat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -117,6 +118,19 @@ def _worker_init() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
+
+
+@contextlib.contextmanager
+def _one_thread_per_worker():
+    """Packing in this process counts as one worker: keep OpenCV to one thread meanwhile."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _pool(workers: int):
@@ -249,11 +263,12 @@ def pack(
     todo = sorted((t for t in plan.tasks if t.name not in records), key=lambda t: -len(t.samples))
     plan_hashes = {t.name: t.plan_hash for t in todo}
     bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
-    for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
-        records[result.name] = {"plan": plan_hashes[result.name], "sha256": result.sha256, "count": result.count,
-                                "bytes": result.bytes, "skipped": skipped}
-        save_state()
-        bar.update(result.count + len(skipped))
+    with _one_thread_per_worker():
+        for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
+            records[result.name] = {"plan": plan_hashes[result.name], "sha256": result.sha256,
+                                    "count": result.count, "bytes": result.bytes, "skipped": skipped}
+            save_state()
+            bar.update(result.count + len(skipped))
     bar.close()
 
     manifest = write_set_files(out, plan, records)
