@@ -235,6 +235,8 @@ def pack(
         "classes_file_sha256": sha256_file(classes_file) if classes_file else None,
         "val_list": str(Path(val_list).resolve()) if val_list else None,
     }
+    if str(source) != DIGITS and Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve()):
+        raise ShardFormatError(f"{out}: is inside SRC {source}, so a later pack would read its shards; put OUT elsewhere")
     state = _out_state(out, pack_args)
     if state == "complete":
         manifest = read_manifest(out)

@@ -186,3 +186,9 @@ def test_class_names_with_white_space_are_refused(tmp_path: Path, capsys):
     (tree / "train" / "n00000001").rename(tree / "train" / "great white")
     line = _error(capsys, ["pack", str(tree), str(tmp_path / "out")])
     assert "class name 'great white' holds white space" in line and not (tmp_path / "out").exists()
+
+
+def test_out_inside_source_is_refused(tmp_path: Path, capsys):
+    tree = _tiny_tree(tmp_path / "t")
+    assert "is inside SRC" in _error(capsys, ["pack", str(tree), str(tree / "shards")])
+    assert not (tree / "shards").exists()
