@@ -9,9 +9,12 @@ manifest. A killed pack resumes: finished shards whose plan and sha256 still mat
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -118,6 +121,12 @@ def _worker_init() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
+    if sys.platform.startswith("linux"):
+        # Die with the parent: a killed pack must not leave workers writing into OUT while it resumes.
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +242,26 @@ def test_resume_after_the_input_changed_drops_stale_shards(tmp_path: Path, monke
     assert summary.counts[TRAIN_LABELED] == 8
     assert sorted(p.name for p in out.glob("*.tar")) == [f"train-labeled-00000{i}.tar" for i in range(4)]
     assert verify(out) == []
+
+
+def test_resume_after_sigkill(tmp_path: Path):
+    """A real kill -9 of `mt-shard pack` mid-way (workers die with it); the rerun keeps what was done."""
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "shard_tools.cli", "pack", "digits", str(out), "--labels-per-class", "5",
+            "--shard-size", "10", "--workers", "2", "--quiet"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("*.tar"))) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / MANIFEST_NAME).exists(), "the pack finished before it could be killed"
+    done_before = {p.name for p in out.glob("*.tar")}
+    time.sleep(0.2)
+    assert {p.name for p in out.glob("*.tar")} == done_before  # no orphan worker kept writing
+    summary = pack("digits", out, labels_per_class=5, shard_size=10, workers=2, progress=False)
+    # 50 labeled, 1208 unlabeled and 539 val images in shards of 10: 5 + 121 + 54 shards.
+    assert summary.shards_kept >= 1 and summary.shards_written + summary.shards_kept == 180
+    fresh = tmp_path / "fresh"
+    pack("digits", fresh, labels_per_class=5, shard_size=10, workers=1, progress=False)
+    assert _set_bytes(out) == _set_bytes(fresh)
