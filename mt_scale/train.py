@@ -52,11 +52,16 @@ CONFIG_NAME = "config.yaml"
 
 @dataclass
 class TrainResult:
-    """What `train` hands back: the report (also in report.json), the run folder and the teacher."""
+    """What `train` hands back on every rank.
+
+    `report` is report.json's content (empty on ranks other than the main one); `final` is the last
+    evaluation (the same numbers on every rank); `teacher` is the trained EMA model.
+    """
 
     report: dict[str, Any]
     run_dir: Path
     teacher: torch.nn.Module
+    final: dict[str, float]
 
 
 def build_parser(prog: str = "mt-train") -> argparse.ArgumentParser:
@@ -337,7 +342,7 @@ def train(
         accelerator.end_training()
         if main_process:
             metrics.close()
-        return TrainResult(report=report, run_dir=run_dir, teacher=teacher)
+        return TrainResult(report=report, run_dir=run_dir, teacher=teacher, final=last_eval)
 
     last_eval = run_eval()
     save_checkpoint(accelerator, run_dir, state, loaders, keep)
@@ -350,9 +355,9 @@ def train(
         write_report(run_dir, report)
         plot_curves(run_dir, title=f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}")
         print(_summary_line(report), flush=True)
-    accelerator.end_training()
     accelerator.wait_for_everyone()
-    return TrainResult(report=report, run_dir=run_dir, teacher=teacher)
+    accelerator.end_training()  # also ends the process group: no collective after this
+    return TrainResult(report=report, run_dir=run_dir, teacher=teacher, final=last_eval)
 
 
 def _prepare_run_dir(accelerator: Any, run_dir: Path, *, resuming: bool) -> None:
