@@ -28,7 +28,7 @@ from shard_tools.imaging import target_size
 from shard_tools.sources import Collection, Item
 from shard_tools.split import choose_labeled, holdout, match_labels_file, read_labels_file, shuffled
 
-_SPLIT_CODE = {TRAIN_LABELED: 1, TRAIN_UNLABELED: 2, VAL: 3}
+SPLIT_CODE = {TRAIN_LABELED: 1, TRAIN_UNLABELED: 2, VAL: 3}
 _TAR_BLOCK = 512
 
 
@@ -88,7 +88,7 @@ def _estimated_bytes(scan: tuple, max_side: int | None) -> int:
     return 4 * _TAR_BLOCK + -(-image // _TAR_BLOCK) * _TAR_BLOCK + 3 * _TAR_BLOCK
 
 
-def _chunk(entries: list, sizes: list[int], shard_size: int, shard_bytes: int | None) -> list[list]:
+def cut_into_shards(entries: list, sizes: list[int], shard_size: int, shard_bytes: int | None) -> list[list]:
     chunks: list[list] = []
     current: list = []
     current_bytes = 0
@@ -169,9 +169,9 @@ def make_plan(collection: Collection, scans: list[tuple], pack_args: dict, *, la
     }
     tasks = []
     for split, entries in parts.items():
-        entries = [entries[i] for i in shuffled(len(entries), seed, _SPLIT_CODE[split])]
+        entries = [entries[i] for i in shuffled(len(entries), seed, SPLIT_CODE[split])]
         sizes = [_estimated_bytes(scan, pack_args["max_side"]) for (_, scan), _ in entries]
-        for number, chunk in enumerate(_chunk(entries, sizes, pack_args["shard_size"], pack_args["shard_bytes"])):
+        for number, chunk in enumerate(cut_into_shards(entries, sizes, pack_args["shard_size"], pack_args["shard_bytes"])):
             samples = [
                 PlannedSample(item.key, label, item.origin, item.path, item.data, (scan[1], scan[2]))
                 for (item, scan), label in chunk

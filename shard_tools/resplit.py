@@ -37,7 +37,7 @@ from shard_tools.format import (
     shard_name,
 )
 from shard_tools.pack import PackSummary
-from shard_tools.plan import _SPLIT_CODE, PackPlan, ShardTask, _chunk, write_set_files
+from shard_tools.plan import SPLIT_CODE, PackPlan, ShardTask, cut_into_shards, write_set_files
 from shard_tools.split import choose_labeled, match_labels_file, read_labels_file, shuffled
 from shard_tools.verify import read_key_classes
 from shard_tools.writer import write_shard
@@ -137,11 +137,11 @@ def resplit(
         tasks, records = [], {}
         bar = tqdm(total=len(keys), desc="resplit", unit="img", disable=not progress)
         for split, entries in parts.items():
-            entries = [entries[i] for i in shuffled(len(entries), seed, _SPLIT_CODE[split])]
+            entries = [entries[i] for i in shuffled(len(entries), seed, SPLIT_CODE[split])]
             sizes = [
                 7 * _TAR_BLOCK + -(-places[key][1][IMAGE_EXT][1] // _TAR_BLOCK) * _TAR_BLOCK for key, _ in entries
             ]
-            chunks = _chunk(entries, sizes, size, manifest.pack_args.get("shard_bytes"))
+            chunks = cut_into_shards(entries, sizes, size, manifest.pack_args.get("shard_bytes"))
             for number, chunk in enumerate(chunks):
                 task = ShardTask(str(target), shard_name(split, number), split, [], None, 0)
 
