@@ -293,15 +293,25 @@ def _val_batch(images: torch.Tensor, labels: list[int], batch_size: int, skipped
 
 
 def make_dataloader(dataset: IterableDataset, workers: int) -> DataLoader:
+    """A DataLoader whose workers yield finished batches (batch_size=None).
+
+    Workers start from a fork server, not by forking the caller: a training process holds threads
+    (OpenCV's pool, OpenMP, CUDA, queue feeders) whose locks a plain fork copies mid-use, which can
+    hang a worker. The server preloads this module, so a new epoch's workers start in milliseconds.
+    """
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=2 if workers else None, persistent_workers=False,
-                      multiprocessing_context="fork" if workers and _fork_ok() else None)
+                      multiprocessing_context=_worker_context() if workers else None)
 
 
-def _fork_ok() -> bool:
+def _worker_context():
     import multiprocessing
 
-    return "fork" in multiprocessing.get_all_start_methods()
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pipelines.torch_loader"])
+    return context
 
 
 __all__ = ["TrainStream", "ValStream", "make_dataloader", "render_views", "resume_skips", "sample_stream"]
