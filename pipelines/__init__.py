@@ -80,7 +80,7 @@ def build_loaders(shard_dir: str | Path, cfg: DataConfig, rank: int = 0, world_s
     """Train and val loaders for `rank` of `world_size` (from Accelerate), per pipelines.mixing's rules.
 
     `backend` overrides cfg.backend; `device_id` is the CUDA device for DALI (default: the current one).
-    `with_keys` (torch backend only) adds "key", the list of sample keys, to every batch.
+    `with_keys` adds "key", the list of sample keys of the rows, to every batch (tests, debugging).
     """
     cfg.validate()
     if not 0 <= rank < world_size:
@@ -107,11 +107,9 @@ def build_loaders(shard_dir: str | Path, cfg: DataConfig, rank: int = 0, world_s
     if chosen == "dali":
         from pipelines.dali import build_dali
 
-        if with_keys:
-            raise PipelineError("with_keys needs the torch backend (DALI graphs carry no sample keys)")
 
         train, val_loader = build_dali(labeled, unlabeled, val, cfg, student, teacher, eval_spec, rank,
-                                       world_size, device_id)
+                                       world_size, device_id, with_keys)
     else:
         train, val_loader = _build_torch(labeled, unlabeled, val, cfg, student, teacher, eval_spec, rank,
                                          world_size, with_keys)

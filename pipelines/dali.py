@@ -12,9 +12,13 @@ instead, as warp_affine offers no reflection; an image that does not decode rais
 (no counted skip without a callback).
 
 Epochs: each reader reads its rank's contiguous share of a split's samples (DALI shards by sample;
-`stick_to_shard`), padded to whole batches; after `len(train)` batches the epoch-defining reader is
-drained to its epoch boundary so the next epoch starts a fresh pass. Position is saved with DALI's
-own pipeline checkpoints, so a resumed run continues the exact reader state.
+`stick_to_shard`; shares differ by at most one sample) as one continuous shuffled stream, and an
+epoch is the next `len(train)` = min over ranks of floor(share / U) batches of it. DALI's shuffle
+buffer mixes only within `initial_fill` samples and spans pass boundaries, so an epoch can repeat a
+few samples that straddle a boundary (about 1% per epoch on the digits set) while others wait for the
+next epoch; the packer's global shuffle provides the order (see DESIGN.md). Val reads padded whole
+passes in order; padding rows are marked invalid. The position is saved with DALI's own pipeline
+checkpoints, so a resumed run continues the exact reader and random state.
 """
 
 from __future__ import annotations
@@ -115,8 +119,10 @@ def view_graph(image, shape, spec: AugmentSpec, gpu: bool):
 
 def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size: int, *, shard_id: int,
                    num_shards: int, shuffle_buffer: int, seed: int, threads: int, device_id: int | None,
-                   checkpoint: bytes | None = None):
-    """A DALI pipeline yielding one uint8 CHW output per spec, then the int32 label."""
+                   checkpoint: bytes | None = None, with_keys: bool = False,
+                   pad_last_batch: bool = False):
+    """A DALI pipeline yielding one uint8 CHW output per spec, the int32 label, then (with_keys) the
+    readers' source info ("<tar>:<offset>:<member>") as bytes."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -127,12 +133,13 @@ def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size
         jpegs, labels = fn.readers.webdataset(
             paths=shards, index_paths=[index_name(s) for s in shards], ext=[IMAGE_EXT, LABEL_EXT],
             dtypes=[types.UINT8, types.INT32], missing_component_behavior="error",
-            shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
+            shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=pad_last_batch,
             random_shuffle=shuffle_buffer > 0, initial_fill=max(shuffle_buffer, 1), name="reader")
         shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
         image = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                   adjust_orientation=False)
-        return (*[view_graph(image, shape, spec, gpu) for spec in specs], labels)
+        keys = (fn.get_property(jpegs, key="source_info"),) if with_keys else ()
+        return (*[view_graph(image, shape, spec, gpu) for spec in specs], labels, *keys)
 
     pipe = graph(checkpoint=checkpoint) if checkpoint is not None else graph()
     try:
@@ -162,10 +169,10 @@ def _run(pipe, shards: list[str]):
 
 
 class _DaliStream:
-    """One split's pipeline for this rank, with its per-epoch batch count and drained epoch boundary."""
+    """One split's pipeline for this rank (train: a continuous shuffled stream; val: padded whole passes)."""
 
     def __init__(self, split, specs, batch, cfg: DataConfig, rank, world_size, share, tag, device_id,
-                 shuffle: bool = True):
+                 shuffle: bool = True, with_keys: bool = False):
         self.shards, counts = split
         total = sum(counts)
         self.sharded = not (share and total < world_size * batch)
@@ -176,58 +183,58 @@ class _DaliStream:
         self.shuffle_buffer = cfg.shuffle_buffer if shuffle else 0
         self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
         self.names = ("student", "teacher") if len(specs) == 2 else ("image",)
+        self.with_keys = with_keys
+        self.pad_last_batch = not shuffle  # val: whole passes, padding rows marked invalid
         self.pipe = None
-        self.run_in_pass = 0  # batches run since the reader's last epoch boundary
 
-    def open(self, checkpoint: bytes | None = None, run_in_pass: int = 0):
+    def open(self, checkpoint: bytes | None = None):
         self.pipe = build_pipeline(self.shards, self.specs, self.batch, shard_id=self.shard_id,
                                    num_shards=self.num_shards, shuffle_buffer=self.shuffle_buffer,
                                    seed=self.seed, threads=self.cfg.workers, device_id=self.device_id,
-                                   checkpoint=checkpoint)
-        self.run_in_pass = run_in_pass
+                                   checkpoint=checkpoint, with_keys=self.with_keys,
+                                   pad_last_batch=self.pad_last_batch)
 
     def next(self) -> dict[str, torch.Tensor]:
         if self.pipe is None:
             self.open()
-        outputs = _run(self.pipe, self.shards)
-        self.run_in_pass = (self.run_in_pass + 1) % self.batches_per_pass
+        outputs = list(_run(self.pipe, self.shards))
+        keys = None
+        if self.with_keys:
+            info = outputs.pop()
+            keys = [bytes(info.at(i)).decode().rsplit(":", 1)[-1].split(".")[0] for i in range(len(info))]
         tensors = [_to_torch(o, self.device) for o in outputs]
         batch = {"label": tensors[-1].reshape(-1).to(torch.int64)}
         for name, tensor in zip(self.names, tensors[:-1], strict=True):
             batch[name] = tensor
+        if keys is not None:
+            batch["key"] = keys
         return batch
 
     @property
     def batches_per_pass(self) -> int:
         return max(math.ceil(self.samples / self.batch), 1)
 
-    def drain(self) -> None:
-        # pad_last_batch keeps passes batch-aligned, so running to the boundary starts a fresh pass
-        while self.run_in_pass:
-            self.next()
-
     def checkpoint(self) -> str:
         return base64.b64encode(self.pipe.checkpoint()).decode("ascii") if self.pipe is not None else ""
 
 
 def build_dali(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec, teacher: AugmentSpec,
-               eval_spec: AugmentSpec, rank: int, world_size: int, device_id: int | None):
+               eval_spec: AugmentSpec, rank: int, world_size: int, device_id: int | None, with_keys: bool = False):
     """TrainLoader and ValLoader over DALI pipelines; device_id None = CPU-only graph."""
     if device_id is None and torch.cuda.is_available():
         device_id = torch.cuda.current_device()
     labeled_rows, unlabeled_rows = cfg.labeled_per_batch, cfg.unlabeled_per_batch
     lab = _DaliStream(labeled, (student, teacher), labeled_rows, cfg, rank, world_size, unlabeled_rows > 0,
-                      "labeled", device_id)
+                      "labeled", device_id, with_keys=with_keys)
     unl = (_DaliStream(unlabeled, (student, teacher), unlabeled_rows, cfg, rank, world_size, False,
-                       "unlabeled", device_id) if unlabeled_rows else None)
-    epoch_stream = unl or lab
+                       "unlabeled", device_id, with_keys=with_keys) if unlabeled_rows else None)
     epoch_split, rows = (unlabeled, unlabeled_rows) if unl else (labeled, labeled_rows)
     per_rank = dali_shard_sizes(sum(epoch_split[1]), world_size)
     length = min(n // rows for n in per_rank)
-    train = DaliTrainLoader(lab, unl, epoch_stream, length, world_size)
+    train = DaliTrainLoader(lab, unl, length, world_size)
 
     val_stream = _DaliStream(val, (eval_spec,), cfg.eval_batch_size, cfg, rank, world_size, False, "val", device_id,
-                             shuffle=False)
+                             shuffle=False, with_keys=with_keys)
     val_rows = dali_shard_sizes(sum(val[1]), world_size)
     val_batches = max(math.ceil(n / cfg.eval_batch_size) for n in val_rows)
 
@@ -239,6 +246,8 @@ def build_dali(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec, t
             remaining -= int(valid.sum())
             batch["label"] = torch.where(valid, batch["label"], torch.full_like(batch["label"], -1))
             batch["valid"] = valid
+            if with_keys:
+                batch["key"] = batch["key"][:int(valid.sum())]
             yield batch
 
     def empty_val() -> dict:
@@ -253,10 +262,9 @@ def build_dali(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec, t
 class DaliTrainLoader(TrainLoader):
     """TrainLoader whose position is the DALI readers' own checkpoints (exact resume)."""
 
-    def __init__(self, labeled: _DaliStream, unlabeled: _DaliStream | None, epoch_stream: _DaliStream,
-                 length: int, world_size: int) -> None:
+    def __init__(self, labeled: _DaliStream, unlabeled: _DaliStream | None, length: int, world_size: int) -> None:
         super().__init__(self._open_epoch_dali, lambda epoch: [length], length, world_size, 1)
-        self.labeled, self.unlabeled, self.epoch_stream = labeled, unlabeled, epoch_stream
+        self.labeled, self.unlabeled = labeled, unlabeled
 
     def _open_epoch_dali(self, epoch: int, skips: list[int]) -> Iterator[dict]:
         for index in range(skips[0], len(self)):
@@ -265,13 +273,12 @@ class DaliTrainLoader(TrainLoader):
             batch = compose_batch(labeled, unlabeled)
             batch.update(_worker=0, _index=index, _skipped=0)
             yield batch
-        self.epoch_stream.drain()
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["dali"] = {"labeled": self.labeled.checkpoint(), "labeled_run": self.labeled.run_in_pass}
+        state["dali"] = {"labeled": self.labeled.checkpoint()}
         if self.unlabeled is not None:
-            state["dali"].update(unlabeled=self.unlabeled.checkpoint(), unlabeled_run=self.unlabeled.run_in_pass)
+            state["dali"]["unlabeled"] = self.unlabeled.checkpoint()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -279,4 +286,4 @@ class DaliTrainLoader(TrainLoader):
         saved = state.get("dali", {})
         for name, stream in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
             if stream is not None and saved.get(name):
-                stream.open(base64.b64decode(saved[name]), int(saved.get(f"{name}_run", 0)))
+                stream.open(base64.b64decode(saved[name]))

@@ -99,4 +99,7 @@ def compose_batch(
         unlabeled["label"] = torch.full_like(unlabeled["label"], -1)
     if len(parts) == 1:
         return dict(parts[0])
-    return {k: torch.cat([p[k] for p in parts]) for k in ("student", "teacher", "label")}
+    batch = {k: torch.cat([p[k] for p in parts]) for k in ("student", "teacher", "label")}
+    if all("key" in p for p in parts):
+        batch["key"] = [key for p in parts for key in p["key"]]
+    return batch
