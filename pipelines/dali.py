@@ -9,7 +9,8 @@ No Python callbacks. `device_id=None` runs the same graph on the CPU (slow: see 
 Differences from the torch backend, by design: random draws come from DALI's generators (same
 distributions, different values); reflect padding (CIFAR translation) repeats the border pixel
 instead, as warp_affine offers no reflection; an image that does not decode raises PipelineError
-(no counted skip without a callback).
+(no counted skip without a callback): DALI 2.4's CPU decoder crashes on undecodable images, so
+shards are checked for truncated or overwritten JPEGs before any pipeline runs.
 
 Epochs: each reader reads its rank's contiguous share of a split's samples (DALI shards by sample;
 `stick_to_shard`; shares differ by at most one sample) as one continuous shuffled stream, and an
@@ -26,6 +27,7 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -35,6 +37,41 @@ from pipelines.errors import PipelineError
 from pipelines.loaders import TrainLoader, ValLoader
 from pipelines.mixing import compose_batch, seed_for
 from shard_tools.format import IMAGE_EXT, LABEL_EXT, index_name
+
+
+def check_jpeg_members(shards: list[str]) -> int:
+    """Check every .jpg member starts with a JPEG SOI marker and ends with EOI, using the DALI index.
+
+    DALI 2.4's CPU decoder crashes the process (SIGSEGV) on an undecodable image in a batch, so the
+    DALI backend refuses damaged shards up front: two small reads per image, no decoding. Damage
+    inside an otherwise well-formed JPEG is not caught here; `mt-shard verify` (sha256) catches any
+    change after packing. Returns the number of images checked.
+    """
+    checked = 0
+    for shard in shards:
+        index = index_name(shard)
+        try:
+            lines = Path(index).read_text().split("\n")[1:]
+            members = [line.split() for line in lines if line.strip()]
+            with open(shard, "rb") as handle:
+                for fields in members:
+                    for ext, offset, size, name in zip(*[iter(fields)] * 4, strict=True):
+                        if ext != IMAGE_EXT:
+                            continue
+                        offset, size = int(offset), int(size)
+                        handle.seek(offset)
+                        head = handle.read(3)
+                        handle.seek(offset + max(size - 32, 0))
+                        tail = handle.read(min(size, 32))
+                        if head != b"\xff\xd8\xff" or b"\xff\xd9" not in tail:
+                            raise PipelineError(
+                                f"{shard}: member {name} is not a complete JPEG; re-pack this shard (check the set "
+                                "with `mt-shard verify`) or use backend=torch, which skips undecodable images")
+                        checked += 1
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"{index}: unreadable DALI index ({exc}); rebuild it with `wds2idx {shard} {index}` "
+                                "or re-pack the set") from None
+    return checked
 
 
 def dali_shard_sizes(total: int, world_size: int) -> list[int]:
@@ -135,9 +172,10 @@ def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size
             dtypes=[types.UINT8, types.INT32], missing_component_behavior="error",
             shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=pad_last_batch,
             random_shuffle=shuffle_buffer > 0, initial_fill=max(shuffle_buffer, 1), name="reader")
-        shape = fn.peek_image_shape(jpegs, adjust_orientation=False)
         image = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                   adjust_orientation=False)
+        # shape metadata is on the CPU even for GPU images; peek_image_shape crashed DALI 2.4 on corrupt input
+        shape = image.shape()
         keys = (fn.get_property(jpegs, key="source_info"),) if with_keys else ()
         return (*[view_graph(image, shape, spec, gpu) for spec in specs], labels, *keys)
 
@@ -223,6 +261,7 @@ def build_dali(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec, t
     """TrainLoader and ValLoader over DALI pipelines; device_id None = CPU-only graph."""
     if device_id is None and torch.cuda.is_available():
         device_id = torch.cuda.current_device()
+    check_jpeg_members(labeled[0] + unlabeled[0] + val[0])
     labeled_rows, unlabeled_rows = cfg.labeled_per_batch, cfg.unlabeled_per_batch
     lab = _DaliStream(labeled, (student, teacher), labeled_rows, cfg, rank, world_size, unlabeled_rows > 0,
                       "labeled", device_id, with_keys=with_keys)

@@ -47,13 +47,16 @@ def damaged_digits(digits_shards: Path, tmp_path: Path):
     copy = tmp_path / "digits"
     shutil.copytree(digits_shards, copy)
 
-    def corrupt_one_image() -> str:
+    def corrupt_one_image(kind: str = "zeros") -> str:
+        """Overwrite one unlabeled JPEG: all zeros, or its first third kept (a truncated download)."""
         shard = copy / read_manifest(copy).split("train-unlabeled").shards[0]
         with tarfile.open(shard) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+            data = tar.extractfile(member).read()
+        kept = data[:member.size // 3] if kind == "truncated" else b""
         with open(shard, "r+b") as handle:  # same length, so the tar and its DALI index stay valid
             handle.seek(member.offset_data)
-            handle.write(b"\x00" * member.size)
+            handle.write(kept + b"\x00" * (member.size - len(kept)))
         return member.name.split(".")[0]
 
     def remove_index(split: str = "train-labeled") -> Path:

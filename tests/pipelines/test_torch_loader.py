@@ -153,10 +153,11 @@ def test_bad_inputs_raise_pipeline_error(tmp_path, digits_shards, damaged_digits
         build_loaders(digits_shards, digits_config(batch_size=2000, labeled_per_batch=10))
 
 
+@pytest.mark.parametrize("kind", ["zeros", "truncated"])
 @pytest.mark.timeout(120)
-def test_a_corrupt_image_is_a_counted_skip(damaged_digits, digits_config):
+def test_a_corrupt_image_is_a_counted_skip(damaged_digits, digits_config, kind):
     shards, corrupt_one_image, _ = damaged_digits
-    bad_key = corrupt_one_image()
+    bad_key = corrupt_one_image(kind)
     loaders = build_loaders(shards, digits_config(), with_keys=True)
     batches = epoch_batches(loaders)  # the skip is also warned about, from the worker process
     assert len(batches) == len(loaders.train)  # every batch still full
