@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 METRICS_NAME = "metrics.csv"
 REPORT_NAME = "report.json"
@@ -171,3 +172,91 @@ def plot_curves(run_dir: str | Path, title: str = "") -> Path:
 
 def _finite(value: object) -> bool:
     return isinstance(value, float) and math.isfinite(value)
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
+    # TensorBoard's hparams take scalars and strings only.
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def eval_line(step: int, result: dict[str, float]) -> str:
+    return (
+        f"step {step}: student top-1 error {result['student_top1_error']:.4f}, "
+        f"teacher top-1 error {result['teacher_top1_error']:.4f}"
+    )
+
+
+def build_report(
+    cfg: Any,
+    run_dir: Path,
+    state: Any,
+    final: Mapping[str, float],
+    *,
+    total_steps: int,
+    wall_seconds: float,
+    world_size: int,
+    device: str,
+    export_path: Path,
+    num_classes: int,
+) -> dict[str, Any]:
+    """report.json's content; `state` is the TrainState, `final` the last evaluation."""
+    rows = read_metrics(Path(run_dir) / METRICS_NAME)
+    model_name = cfg.model.name
+    return {
+        "preset": cfg.preset,
+        "method": "mean_teacher" if cfg.mt.enabled else "supervised",
+        "run_dir": str(run_dir),
+        "steps": state.step,
+        "total_steps": total_steps,
+        "epochs": cfg.run.epochs,
+        "world_size": world_size,
+        "device": device,
+        "mixed_precision": cfg.run.mixed_precision,
+        "lr": cfg.optim.lr,  # the peak LR used: optim.lr x processes x grad_accum_steps
+        "wall_seconds": round(wall_seconds, 3),
+        "train_seconds": round(state.train_seconds, 3),
+        "images_seen": state.images_seen,
+        "images_per_sec": state.images_seen / state.train_seconds if state.train_seconds else None,
+        "final": {key: final.get(key) for key in ERROR_KEYS},
+        "best": best_errors(rows),
+        "val_count": final.get("val_count"),
+        "class_names": state.class_names,
+        "export": {
+            "file": str(export_path),
+            "model_name": model_name,
+            "num_classes": num_classes,
+            "load": (
+                f"import mt_scale, timm; timm.create_model({model_name!r}, num_classes={num_classes}, "
+                f"pretrained=True, pretrained_cfg_overlay=dict(file={str(export_path)!r}, "
+                f"num_classes={num_classes}))"
+            ),
+        },
+    }
+
+
+ERROR_KEYS = (
+    "student_top1_error",
+    "student_top5_error",
+    "teacher_top1_error",
+    "teacher_top5_error",
+    "student_loss",
+    "teacher_loss",
+)
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    final = report["final"]
+    return (
+        f"done: {report['steps']} steps in {report['wall_seconds']:.1f}s "
+        f"({report['images_per_sec'] or 0:.0f} img/s); teacher top-1 error {final['teacher_top1_error']:.4f}, "
+        f"student {final['student_top1_error']:.4f}; teacher exported to {report['export']['file']}"
+    )

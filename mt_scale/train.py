@@ -44,7 +44,15 @@ from mt_scale.checkpoint import (
 )
 from mt_scale.errors import MtScaleError
 from mt_scale.evaluate import evaluate
-from mt_scale.report import MetricsWriter, best_errors, plot_curves, read_metrics, write_report
+from mt_scale.report import (
+    MetricsWriter,
+    build_report,
+    eval_line,
+    flat_hparams,
+    plot_curves,
+    summary_line,
+    write_report,
+)
 
 TENSORBOARD_DIR = "tensorboard"
 CONFIG_NAME = "config.yaml"
@@ -208,7 +216,7 @@ def train(
     if main_process:
         (run_dir / CONFIG_NAME).write_text(resolved_yaml)
         metrics = MetricsWriter(run_dir, resume_step=state.step if resume is not None else None)
-    accelerator.init_trackers(TENSORBOARD_DIR, config=_flat_hparams(resolved))
+    accelerator.init_trackers(TENSORBOARD_DIR, config=flat_hparams(resolved))
 
     mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
     channels_last = bool(cfg.model.channels_last)
@@ -325,7 +333,8 @@ def train(
         epoch_done = state.epoch
         if epoch_done < cfg.run.epochs and cfg.run.eval_every_epochs and epoch_done % cfg.run.eval_every_epochs == 0:
             last_eval = run_eval()
-            bar.write(_eval_line(state.step, last_eval)) if main_process and progress else None
+            if main_process and progress:
+                bar.write(eval_line(state.step, last_eval))
         if (
             epoch_done < cfg.run.epochs
             and cfg.run.checkpoint_every_epochs
@@ -350,11 +359,15 @@ def train(
     if main_process:
         metrics.close()
         export_path = export_teacher(teacher, run_dir / EXPORT_NAME)
-        report = _build_report(cfg, run_dir, state, last_eval, total_steps, wall, accelerator, export_path, num_classes)
+        report = build_report(
+            cfg, run_dir, state, last_eval, total_steps=total_steps, wall_seconds=wall,
+            world_size=accelerator.num_processes, device=str(accelerator.device),
+            export_path=export_path, num_classes=num_classes,
+        )  # fmt: skip
         report["config"] = resolved
         write_report(run_dir, report)
         plot_curves(run_dir, title=f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}")
-        print(_summary_line(report), flush=True)
+        print(summary_line(report), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also ends the process group: no collective after this
     return TrainResult(report=report, run_dir=run_dir, teacher=teacher, final=last_eval)
@@ -389,91 +402,6 @@ def _memory_error(exc: RuntimeError, cfg: Any) -> Exception:
             f"(and data.labeled_per_batch) and raise run.grad_accum_steps to keep the effective batch"
         )
     return exc
-
-
-def _flat_hparams(config: dict, prefix: str = "") -> dict[str, Any]:
-    # TensorBoard's hparams take scalars and strings only.
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat_hparams(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
-
-
-def _eval_line(step: int, result: dict[str, float]) -> str:
-    return (
-        f"step {step}: student top-1 error {result['student_top1_error']:.4f}, "
-        f"teacher top-1 error {result['teacher_top1_error']:.4f}"
-    )
-
-
-def _build_report(
-    cfg: Any,
-    run_dir: Path,
-    state: TrainState,
-    final: dict[str, float],
-    total_steps: int,
-    wall: float,
-    accelerator: Any,
-    export_path: Path,
-    num_classes: int,
-) -> dict[str, Any]:
-    rows = read_metrics(run_dir / "metrics.csv")
-    model_name = cfg.model.name
-    return {
-        "preset": cfg.preset,
-        "method": "mean_teacher" if cfg.mt.enabled else "supervised",
-        "run_dir": str(run_dir),
-        "steps": state.step,
-        "total_steps": total_steps,
-        "epochs": cfg.run.epochs,
-        "world_size": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "mixed_precision": cfg.run.mixed_precision,
-        "lr": cfg.optim.lr,  # the peak LR used: optim.lr x processes x grad_accum_steps
-        "wall_seconds": round(wall, 3),
-        "train_seconds": round(state.train_seconds, 3),
-        "images_seen": state.images_seen,
-        "images_per_sec": state.images_seen / state.train_seconds if state.train_seconds else None,
-        "final": {key: final.get(key) for key in _ERROR_KEYS},
-        "best": best_errors(rows),
-        "val_count": final.get("val_count"),
-        "class_names": state.class_names,
-        "export": {
-            "file": str(export_path),
-            "model_name": model_name,
-            "num_classes": num_classes,
-            "load": (
-                f"import mt_scale, timm; timm.create_model({model_name!r}, num_classes={num_classes}, "
-                f"pretrained=True, pretrained_cfg_overlay=dict(file={str(export_path)!r}, "
-                f"num_classes={num_classes}))"
-            ),
-        },
-    }
-
-
-_ERROR_KEYS = (
-    "student_top1_error",
-    "student_top5_error",
-    "teacher_top1_error",
-    "teacher_top5_error",
-    "student_loss",
-    "teacher_loss",
-)
-
-
-def _summary_line(report: dict[str, Any]) -> str:
-    final = report["final"]
-    return (
-        f"done: {report['steps']} steps in {report['wall_seconds']:.1f}s "
-        f"({report['images_per_sec'] or 0:.0f} img/s); teacher top-1 error {final['teacher_top1_error']:.4f}, "
-        f"student {final['student_top1_error']:.4f}; teacher exported to {report['export']['file']}"
-    )
 
 
 if __name__ == "__main__":
