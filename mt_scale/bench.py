@@ -10,6 +10,7 @@ list `results` ({name, unit, median, min, max, repeats, values, detail}); a tabl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -312,6 +313,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
     report["targets"] = check_targets(report["results"])
+    with contextlib.suppress(OSError):  # other work on a shared machine skews figures: record it
+        report["machine"]["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     return report
 
