@@ -25,6 +25,7 @@ LUMA = np.array([0.299, 0.587, 0.114])
 # RGB -> YIQ; hue is a rotation of the IQ plane, saturation a scaling of it
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_INV = np.linalg.inv(_YIQ)
+_GREY_PROJECTION = np.outer(np.ones(3), LUMA)  # rgb -> its luma grey
 
 
 @dataclass(frozen=True)
@@ -170,18 +171,24 @@ def geometry_matrix(params: GeometryParams, width: int, height: int, output_size
     """The 2x3 source->output affine matrix in pixel-centre coordinates."""
     out_h, out_w = output_size
     x0, y0, box_w, box_h = params.box
-    # work in edge coordinates (pixel i covers [i, i+1]) so crops and resizes line up exactly
-    to_edge = _translate(0.5, 0.5)
-    cx, cy = width / 2, height / 2
+    # Composed by hand (this runs twice per image): in pixel-edge coordinates (pixel i covers
+    # [i, i+1], so crops and resizes line up exactly) a point p goes through the rotation about the
+    # image centre c, u = R (p - c) + c with R = [[cos, sin], [-sin, cos]] (y points down, so this
+    # turns the picture counter-clockwise), then the crop box onto the output, v = S (u - box origin),
+    # then the flip x -> out_w - x, then the shift; pixel centres sit at edge coordinate + 0.5.
     theta = math.radians(params.angle)
     cos, sin = math.cos(theta), math.sin(theta)
-    # y points down, so a counter-clockwise screen rotation is [[c, s], [-s, c]]
-    rotate = _translate(cx, cy) @ np.array([[cos, sin, 0], [-sin, cos, 0], [0, 0, 1.0]]) @ _translate(-cx, -cy)
-    crop = np.diag([out_w / box_w, out_h / box_h, 1.0]) @ _translate(-x0, -y0)
-    flip = np.array([[-1.0, 0, out_w], [0, 1, 0], [0, 0, 1]]) if params.flip else np.eye(3)
-    shift = _translate(*params.shift)
-    full = _translate(-0.5, -0.5) @ shift @ flip @ crop @ rotate @ to_edge
-    return full[:2]
+    cx, cy = width / 2, height / 2
+    # rotation applied to the pixel-centre offset (0.5, 0.5), as a translation
+    tx = cos * (0.5 - cx) + sin * (0.5 - cy) + cx
+    ty = -sin * (0.5 - cx) + cos * (0.5 - cy) + cy
+    sx, sy = out_w / box_w, out_h / box_h
+    fx = -1.0 if params.flip else 1.0
+    dx, dy = params.shift
+    return np.array([
+        [fx * sx * cos, fx * sx * sin, fx * sx * (tx - x0) + (out_w if params.flip else 0.0) + dx - 0.5],
+        [-sy * sin, sy * cos, sy * (ty - y0) + dy - 0.5],
+    ])
 
 
 def _translate(dx: float, dy: float) -> np.ndarray:
@@ -218,15 +225,13 @@ def colour_matrix(params: ColourParams, mean_rgb: np.ndarray) -> np.ndarray:
     mean grey after brightness, tracked exactly because every step is affine.
     """
     b, c, s = params.brightness, params.contrast, params.saturation
-    brightness = np.diag([b, b, b, 1.0])
     grey_mean = b * float(LUMA @ np.asarray(mean_rgb, dtype=np.float64))
-    contrast = np.diag([c, c, c, 1.0])
-    contrast[:3, 3] = (1 - c) * grey_mean
-    saturation = np.eye(4)
-    saturation[:3, :3] = s * np.eye(3) + (1 - s) * np.outer(np.ones(3), LUMA)
-    hue = np.eye(4)
-    hue[:3, :3] = hue_matrix(params.hue)
-    return (hue @ saturation @ contrast @ brightness)[:3]
+    # saturation and hue map greys to greys, so contrast's offset (a grey) passes through them unchanged
+    saturation = s * np.eye(3) + (1 - s) * _GREY_PROJECTION
+    out = np.empty((3, 4))
+    out[:, :3] = (b * c) * (hue_matrix(params.hue) @ saturation if params.hue else saturation)
+    out[:, 3] = (1 - c) * grey_mean
+    return out
 
 
 def hue_matrix(turns: float) -> np.ndarray:

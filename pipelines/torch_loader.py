@@ -100,8 +100,7 @@ def render_views(data: bytes, specs: Sequence[AugmentSpec], rng: np.random.Gener
 def _render_one(image: np.ndarray, spec: AugmentSpec, matrix: np.ndarray, rng: np.random.Generator,
                 out: np.ndarray) -> None:
     out_h, out_w = spec.output_size
-    identity = matrix.shape == (2, 3) and np.allclose(matrix, [[1, 0, 0], [0, 1, 0]])
-    if identity and image.shape[:2] == (out_h, out_w):
+    if image.shape[:2] == (out_h, out_w) and matrix.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]:
         view = image
     else:
         border = cv2.BORDER_REFLECT_101 if spec.reflect_pad else cv2.BORDER_CONSTANT
@@ -163,8 +162,11 @@ def sample_stream(shards: Sequence[str], *, rank: int, world_size: int, worker: 
 
 
 def _shared_batch(rows: int, size: tuple[int, int]) -> torch.Tensor:
-    # allocated in shared memory so the DataLoader hands it over without copying
-    return torch.empty((rows, 3, *size), dtype=torch.uint8).share_memory_()
+    # allocated straight in shared memory (as default_collate does) so the DataLoader hands it over
+    # without the copy that share_memory_() on a private tensor would make
+    shape = (rows, 3, *size)
+    storage = torch.UntypedStorage._new_shared(rows * 3 * size[0] * size[1])
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
 
 
 class TrainStream(IterableDataset):
@@ -194,9 +196,10 @@ class TrainStream(IterableDataset):
                              seed=seed_for(self.seed, self.epoch, self.rank, worker, tag), cycle=True)
 
     def __iter__(self) -> Iterator[dict]:
-        cv2.setNumThreads(1)  # parallelism comes from the workers; OpenCV threads would oversubscribe
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        if info is None:  # in-process (workers=0): keep OpenCV to one thread like the workers
+            cv2.setNumThreads(1)
         labeled_rows = self.labeled_per_batch
         unlabeled_rows = self.batch_size - labeled_rows
         quota = self.quotas()[worker]
@@ -212,8 +215,11 @@ class TrainStream(IterableDataset):
                 for _ in range(unlabeled_rows):
                     next(unlabeled)
                 continue
-            student = _shared_batch(self.batch_size, out_size)
-            teacher = _shared_batch(self.batch_size, self.specs[1].output_size)
+            if out_size == self.specs[1].output_size:  # one shared-memory block for both views
+                student, teacher = _shared_batch(2 * self.batch_size, out_size).chunk(2)
+            else:
+                student = _shared_batch(self.batch_size, out_size)
+                teacher = _shared_batch(self.batch_size, self.specs[1].output_size)
             labels = torch.empty(self.batch_size, dtype=torch.int64)
             skipped, keys = 0, []
             student_np, teacher_np = student.numpy(), teacher.numpy()
@@ -254,7 +260,6 @@ class ValStream(IterableDataset):
                 for k in range(self.workers)]
 
     def __iter__(self) -> Iterator[dict]:
-        cv2.setNumThreads(1)
         info = get_worker_info()
         worker = info.id if info is not None else 0
         stream = sample_stream(self.split[0], rank=self.rank, world_size=self.world_size, worker=worker,
@@ -293,25 +298,24 @@ def _val_batch(images: torch.Tensor, labels: list[int], batch_size: int, skipped
 
 
 def make_dataloader(dataset: IterableDataset, workers: int) -> DataLoader:
-    """A DataLoader whose workers yield finished batches (batch_size=None).
+    """A DataLoader whose workers yield finished batches (batch_size=None), forked per epoch.
 
-    Workers start from a fork server, not by forking the caller: a training process holds threads
-    (OpenCV's pool, OpenMP, CUDA, queue feeders) whose locks a plain fork copies mid-use, which can
-    hang a worker. The server preloads this module, so a new epoch's workers start in milliseconds.
+    OpenCV is set to one thread here, in the calling process, before any fork: a worker forked from
+    a process whose OpenCV thread pool exists hangs in its first cv2.setNumThreads call (the pool's
+    threads are not copied by fork). The main process does no image work, so this costs nothing;
+    the workers inherit the setting, and each worker is one core's worth of parallelism.
     """
+    if workers:
+        cv2.setNumThreads(1)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=2 if workers else None, persistent_workers=False,
-                      multiprocessing_context=_worker_context() if workers else None)
+                      multiprocessing_context="fork" if workers and _fork_ok() else None)
 
 
-def _worker_context():
+def _fork_ok() -> bool:
     import multiprocessing
 
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipelines.torch_loader"])
-    return context
+    return "fork" in multiprocessing.get_all_start_methods()
 
 
 __all__ = ["TrainStream", "ValStream", "make_dataloader", "render_views", "resume_skips", "sample_stream"]
