@@ -188,8 +188,12 @@ def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    """Copy one DALI output into a new torch tensor: GPU outputs onto `device`, CPU ones (labels) on the CPU."""
+    from nvidia.dali.backend import TensorListGPU
     from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
+    if not isinstance(tensor_list, TensorListGPU):
+        device = torch.device("cpu")
     dali_tensor = tensor_list.as_tensor()
     out = torch.empty(dali_tensor.shape(), dtype=to_torch_type[dali_tensor.dtype], device=device)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
@@ -292,8 +296,8 @@ def build_dali(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec, t
     def empty_val() -> dict:
         device = val_stream.device
         return {"image": torch.zeros((cfg.eval_batch_size, 3, *eval_spec.output_size), dtype=torch.uint8, device=device),
-                "label": torch.full((cfg.eval_batch_size,), -1, dtype=torch.int64, device=device),
-                "valid": torch.zeros(cfg.eval_batch_size, dtype=torch.bool, device=device)}
+                "label": torch.full((cfg.eval_batch_size,), -1, dtype=torch.int64),
+                "valid": torch.zeros(cfg.eval_batch_size, dtype=torch.bool)}
 
     return train, ValLoader(val_pass, val_batches, empty_val)
 
