@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _derived_pipeline(results: list[dict]) -> list[dict]:
     """Best backend vs the reference and vs the ceiling, per repeat (the contenders ran interleaved)."""
     by_name = {result["name"]: result for result in results}
-    backends = [r for r in results if r["name"] not in ("pipeline/reference", "pipeline/decode_ceiling")]
+    baselines = ("pipeline/reference", "pipeline/decode_ceiling")
+    backends = [r for r in results if r["name"] not in baselines and not r["name"].endswith("_normalized")]
     if not backends or "pipeline/reference" not in by_name:
         return []
     best = max(backends, key=lambda r: r["median"])
@@ -250,27 +251,27 @@ def plot_pipeline(results: list[dict], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = ["pipeline/decode_ceiling", "pipeline/torch", "pipeline/dali", "pipeline/reference"]
-    bars = [r for name in order for r in results if r["name"] == name]
+    order = ["decode_ceiling", "torch", "torch_normalized", "dali", "dali_normalized", "reference"]
+    bars = [r for name in order for r in results if r["name"] == f"pipeline/{name}"]
     labels = {
-        "pipeline/decode_ceiling": "decode-only ceiling\n(PIL, no augmentation)",
-        "pipeline/torch": "mt-scale torch backend",
-        "pipeline/dali": "mt-scale DALI backend (CPU)",
-        "pipeline/reference": "reference loader\n(ImageFolder + PIL, transform x2)",
+        "decode_ceiling": "decode-only ceiling\n(PIL, no augmentation)",
+        "reference": "reference loader (float views)\nImageFolder + PIL, transform x2",
     }
+    for backend in ("torch", "dali"):
+        labels[backend] = f"mt-scale {backend} backend\n(uint8 views)"
+        labels[f"{backend}_normalized"] = f"mt-scale {backend} backend\n+ normalize (float views)"
     fig, ax = plt.subplots(figsize=(8, 0.9 * len(bars) + 1.2))
     medians = [r["median"] for r in bars]
     errors = [[r["median"] - r["min"] for r in bars], [r["max"] - r["median"] for r in bars]]
-    colors = [
-        "#999999"
-        if r["name"].endswith("ceiling")
-        else "#c44e52"
-        if r["name"].endswith("reference")
-        else "#4c72b0"
-        for r in bars
-    ]
+
+    def colour(name: str) -> str:
+        if name.endswith(("ceiling", "reference")):
+            return "#999999" if name.endswith("ceiling") else "#c44e52"
+        return "#8fa9d4" if name.endswith("_normalized") else "#4c72b0"
+
+    colors = [colour(r["name"]) for r in bars]
     ax.barh(range(len(bars)), medians, xerr=errors, color=colors, capsize=4)
-    ax.set_yticks(range(len(bars)), [labels.get(r["name"], r["name"]) for r in bars])
+    ax.set_yticks(range(len(bars)), [labels[r["name"].split("/", 1)[1]] for r in bars])
     ax.invert_yaxis()
     for index, value in enumerate(medians):
         ax.text(bars[index]["max"], index, f"  {value:,.0f}", va="center")
@@ -329,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args, argv)
         if getattr(args, "plot", None) and any(r["name"].startswith("pipeline/") for r in report["results"]):
-            plot_pipeline(report["results"], args.plot)
+            machine = report["machine"]
+            where = ", ".join(machine["gpus"]) or f"{machine['usable_cores']}-core CPU, no GPU"
+            plot_pipeline(report["results"], args.plot, title=f"Two-view ImageNet-style loading ({where})")
         if args.json:
             write_json(report, args.json)
     except (MtScaleError, PipelineError, ShardFormatError) as exc:

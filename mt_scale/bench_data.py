@@ -38,7 +38,7 @@ def prepare_tree(
         return root
     from shard_tools.samples import write_photo_tree
 
-    root = work_dir / "photos"
+    root = work_dir / f"photos-{count}-{size[0]}x{size[1]}-seed{seed}"
     if not training_folder(root).is_dir():
         write_photo_tree(root, count=count, num_classes=10, size=size, seed=seed)
     return root
@@ -211,35 +211,44 @@ def _training_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _our_loader_epoch(loaders, mean, std) -> int:
+def _sync(device: str) -> None:
     import torch
 
-    from pipelines import normalize
-
-    device = _training_device()
-    images = 0
-    for batch in loaders.train:
-        # Count the work a training step needs before its forward pass: both views as float tensors on
-        # the training device (as mt_scale.train does), which is what the reference loader hands over.
-        normalize(batch["student"].to(device, non_blocking=True), mean, std)
-        normalize(batch["teacher"].to(device, non_blocking=True), mean, std)
-        images += int(batch["student"].shape[0])
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def _our_loader_epoch(loaders, device: str) -> int:
+    """One epoch of a backend: uint8 views on the training device, as mt_scale.train receives them."""
+    images = 0
+    for batch in loaders.train:
+        batch["student"].to(device, non_blocking=True)
+        batch["teacher"].to(device, non_blocking=True)
+        images += int(batch["student"].shape[0])
+    _sync(device)
     return images
 
 
-def _reference_epoch(loader) -> int:
-    import torch
+def _normalized_epoch(loaders, device: str, mean, std) -> int:
+    """The same, plus the trainer's float conversion and normalisation of both views on the device."""
+    from pipelines import normalize
 
-    device = _training_device()
+    images = 0
+    for batch in loaders.train:
+        normalize(batch["student"].to(device, non_blocking=True), mean, std)
+        normalize(batch["teacher"].to(device, non_blocking=True), mean, std)
+        images += int(batch["student"].shape[0])
+    _sync(device)
+    return images
+
+
+def _reference_epoch(loader, device: str) -> int:
     images = 0
     for (student, teacher), _labels in loader:
         student.to(device, non_blocking=True)
         teacher.to(device, non_blocking=True)
         images += int(student.shape[0])
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return images
 
 
@@ -254,18 +263,23 @@ def bench_pipeline(
 ) -> list[dict]:
     """Two-view training images/s: our backends, the reference-style loader and the decode ceiling.
 
+    The backends hand over uint8 views; the design puts float conversion and normalisation on the
+    training device inside the step, while the reference does it in its workers. So the backend this
+    machine trains with (`auto`) is also measured with `pipelines.normalize` of both views added
+    (`pipeline/<backend>_normalized`): on a CPU-only machine that work lands on the same cores.
     Every contender runs one untimed warm-up epoch, then `repeats` timed epochs interleaved; an epoch
     is timed from asking for its first batch to its last (worker start-up included for all alike).
     """
-    from pipelines import build_loaders
+    from pipelines import build_loaders, resolve_backend
     from pipelines.config import DataConfig
 
     workers = workers or usable_cores()
+    device = _training_device()
     train_dir = training_folder(tree)
     samples = list_images(train_dir)
     shard_dir = work_dir / "pipeline-shards"
-    if not (shard_dir / "manifest.json").is_file():
-        pack_tree(tree, shard_dir, workers)
+    shutil.rmtree(shard_dir, ignore_errors=True)  # --work-dir may hold a set packed from another tree
+    pack_tree(tree, shard_dir, workers)
     cfg = DataConfig(
         batch_size=batch_size,
         labeled_per_batch=labeled_per_batch,
@@ -275,21 +289,25 @@ def bench_pipeline(
         workers=workers,
         seed=0,
     )
+    auto = resolve_backend("auto")
     contenders: list[tuple[str, Callable[[], int], dict]] = []
     for backend in backends:
         loaders = build_loaders(shard_dir, cfg, backend=backend)
-        contenders.append(
-            (
-                f"pipeline/{backend}",
-                lambda loaders=loaders: _our_loader_epoch(loaders, cfg.mean, cfg.std),
-                {"backend": loaders.backend, "workers": workers, "batch_size": batch_size},
+        detail = {"backend": loaders.backend, "workers": workers, "batch_size": batch_size, "device": device}
+        contenders.append((f"pipeline/{backend}", lambda ld=loaders: _our_loader_epoch(ld, device), detail))
+        if backend == auto:
+            contenders.append(
+                (
+                    f"pipeline/{backend}_normalized",
+                    lambda ld=loaders: _normalized_epoch(ld, device, cfg.mean, cfg.std),
+                    {**detail, "includes": "pipelines.normalize of both views"},
+                )
             )
-        )
     reference = reference_loader(train_dir, batch_size, workers)
     contenders.append(
         (
             "pipeline/reference",
-            lambda: _reference_epoch(reference),
+            lambda: _reference_epoch(reference, device),
             {"workers": workers, "batch_size": batch_size, "transform": "reference ImageNet train, twice"},
         )
     )

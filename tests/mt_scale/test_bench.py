@@ -14,6 +14,7 @@ import pytest
 
 from mt_scale import bench
 from mt_scale.bench_common import figure
+from pipelines import resolve_backend
 
 PIPELINE_FIGURES = {"pipeline/dali", "pipeline/torch", "pipeline/reference", "pipeline/decode_ceiling"}
 PACK_FIGURES = {
@@ -96,7 +97,7 @@ def test_pack_counts_every_generated_image(tmp_path: Path, capsys: pytest.Captur
     assert results["pack/workers_1"]["detail"]["workers"] == 1
     assert results["pack/workers_all"]["detail"]["workers"] == report["machine"]["usable_cores"]
     assert results["pack/workers_1_max_side"]["detail"]["max_side"] == 48
-    assert (tmp_path / "work" / "photos" / "train").is_dir()  # --work-dir keeps the generated inputs
+    assert (tmp_path / "work" / "photos-12-96x72-seed0" / "train").is_dir()  # --work-dir keeps them
     assert not list((tmp_path / "work").glob("pack-*"))  # each repeat's output is removed
 
 
@@ -109,10 +110,12 @@ def test_pipeline_on_an_existing_tree(
         "--labeled-per-batch", "2", "--workers", "1", "--repeats", "1", "--plot", str(plot),
     )  # fmt: skip
     results = by_name(report)
-    assert set(results) == PIPELINE_FIGURES | {"pipeline/best_vs_reference", "pipeline/best_vs_ceiling"}
+    normalized = f"pipeline/{resolve_backend('auto')}_normalized"  # the backend this machine trains with
+    derived = {"pipeline/best_vs_reference", "pipeline/best_vs_ceiling"}
+    assert set(results) == PIPELINE_FIGURES | derived | {normalized}
     # The photo tree has 64 training JPEGs: the baselines read each once per epoch; the backends'
     # epoch is the 48 unlabeled images in batches of 6 (+2 labeled) = 8 batches of 8 rows.
-    for name in PIPELINE_FIGURES:
+    for name in PIPELINE_FIGURES | {normalized}:
         assert results[name]["detail"]["images_per_epoch"] == 64, name
         assert results[name]["detail"]["source_images"] == 64
     assert results["pipeline/dali"]["detail"]["backend"] == "dali"
@@ -125,7 +128,7 @@ def test_pipeline_on_an_existing_tree(
 
 def test_train_ratio_follows_from_the_two_rates(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     report = run_bench(
-        tmp_path, capsys, "train", "--model", "resnet18", "--image-size", "32", "--batch-size", "8",
+        tmp_path, capsys, "train", "--model", "mt_digits_cnn", "--image-size", "32", "--batch-size", "8",
         "--steps", "1", "--repeats", "2", "--device", "cpu",
     )  # fmt: skip
     results = by_name(report)
@@ -134,7 +137,7 @@ def test_train_ratio_follows_from_the_two_rates(tmp_path: Path, capsys: pytest.C
     # Same batch and step count: time ratio = inverse ratio of the image rates, repeat by repeat.
     assert results["train/step_ratio"]["values"] == pytest.approx([s / m for s, m in zip(sup, mt, strict=True)])
     detail = results["train/step_ratio"]["detail"]
-    assert (detail["model"], detail["image_size"], detail["batch_size"]) == ("resnet18", 32, 8)
+    assert (detail["model"], detail["image_size"], detail["batch_size"]) == ("mt_digits_cnn", 32, 8)
     assert (detail["labeled_per_batch"], detail["device"], detail["precision"]) == (2, "cpu", "fp32")
 
 
@@ -150,7 +153,7 @@ def test_ema_speedup_follows_from_the_two_times(tmp_path: Path, capsys: pytest.C
 def test_all_runs_every_stage(
     photo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tiny = {"pipeline_batch_size": 8, "labeled_per_batch": 2, "backends": "torch", "train_model": "resnet18",
+    tiny = {"pipeline_batch_size": 8, "labeled_per_batch": 2, "backends": "torch", "train_model": "mt_digits_cnn",
             "image_size": 32, "train_batch_size": 8, "steps": 1, "ema_model": "resnet18", "updates": 1}
     monkeypatch.setattr(bench, "STAGE_DEFAULTS", {**bench.STAGE_DEFAULTS, **tiny})
     report = run_bench(
