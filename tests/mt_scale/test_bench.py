@@ -135,7 +135,9 @@ def test_train_ratio_follows_from_the_two_rates(tmp_path: Path, capsys: pytest.C
     assert set(results) == {"train/supervised", "train/mean_teacher", "train/step_ratio"}
     sup, mt = results["train/supervised"]["values"], results["train/mean_teacher"]["values"]
     # Same batch and step count: time ratio = inverse ratio of the image rates, repeat by repeat.
-    assert results["train/step_ratio"]["values"] == pytest.approx([s / m for s, m in zip(sup, mt, strict=True)])
+    assert results["train/step_ratio"]["values"] == pytest.approx(
+        [s / m for s, m in zip(sup, mt, strict=True)]
+    )
     detail = results["train/step_ratio"]["detail"]
     assert (detail["model"], detail["image_size"], detail["batch_size"]) == ("mt_digits_cnn", 32, 8)
     assert (detail["labeled_per_batch"], detail["device"], detail["precision"]) == (2, "cpu", "fp32")
@@ -145,7 +147,9 @@ def test_ema_speedup_follows_from_the_two_times(tmp_path: Path, capsys: pytest.C
     report = run_bench(tmp_path, capsys, "ema", "--model", "resnet18", "--updates", "2", "--repeats", "2")
     results = by_name(report)
     fused, loop = results["ema/fused_ms"]["values"], results["ema/loop_ms"]["values"]
-    assert results["ema/speedup"]["values"] == pytest.approx([lo / fu for lo, fu in zip(loop, fused, strict=True)])
+    assert results["ema/speedup"]["values"] == pytest.approx(
+        [lo / fu for lo, fu in zip(loop, fused, strict=True)]
+    )
     assert results["ema/fused_ms"]["unit"] == "ms" and results["ema/speedup"]["unit"] == "x"
     assert results["ema/speedup"]["detail"]["parameters"] == RESNET18_PARAMETERS
 
@@ -153,8 +157,17 @@ def test_ema_speedup_follows_from_the_two_times(tmp_path: Path, capsys: pytest.C
 def test_all_runs_every_stage(
     photo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tiny = {"pipeline_batch_size": 8, "labeled_per_batch": 2, "backends": "torch", "train_model": "mt_digits_cnn",
-            "image_size": 32, "train_batch_size": 8, "steps": 1, "ema_model": "resnet18", "updates": 1}
+    tiny = {
+        "pipeline_batch_size": 8,
+        "labeled_per_batch": 2,
+        "backends": "torch",
+        "train_model": "mt_digits_cnn",
+        "image_size": 32,
+        "train_batch_size": 8,
+        "steps": 1,
+        "ema_model": "resnet18",
+        "updates": 1,
+    }
     monkeypatch.setattr(bench, "STAGE_DEFAULTS", {**bench.STAGE_DEFAULTS, **tiny})
     report = run_bench(
         tmp_path, capsys, "all", "--images", str(photo_tree), "--workers", "1", "--repeats", "1",
