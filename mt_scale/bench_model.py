@@ -7,6 +7,7 @@ uint8 batches, so the figures isolate compute from data loading (`mt-bench pipel
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,17 @@ def _preset_config(model_name: str, device: Device, batch_size: int, labeled: in
             f"data.labeled_per_batch={labeled}",
         ],
     )
+
+
+def alternate(first: Callable[[], None], second: Callable[[], None], count: int, sync) -> tuple[float, float]:
+    """Seconds spent in `count` calls of each, called in turns so a change in machine load hits both."""
+    totals = [0.0, 0.0]
+    for _ in range(count):
+        for index, call in enumerate((first, second)):
+            with Stopwatch(sync) as watch:
+                call()
+            totals[index] += watch.seconds
+    return totals[0], totals[1]
 
 
 # --------------------------------------------------------------------------- train
@@ -144,12 +156,6 @@ class StepBench:
         self._finish(losses["total"])
         update_teacher(self.teacher, self.student, mt.ema_decay, self.step_count)
 
-    def time_steps(self, step, count: int) -> float:
-        with Stopwatch(self.device.sync) as watch:
-            for _ in range(count):
-                step()
-        return watch.seconds
-
 
 def bench_train(
     model_name: str | None = None,
@@ -161,7 +167,7 @@ def bench_train(
     device: str = "auto",
     precision: str = "auto",
 ) -> list[dict]:
-    """Images/s of both steps and their time ratio (MT / supervised), measured back to back per repeat."""
+    """Images/s of both steps and their time ratio (MT / supervised); the two step kinds alternate."""
     target = resolve_device(device, precision)
     on_gpu = target.name == "cuda"
     model_name = model_name or ("resnet152" if on_gpu else "resnet18")
@@ -171,12 +177,12 @@ def bench_train(
         raise MtScaleError(f"--labeled-per-batch {labeled}: must be in 1..--batch-size ({batch_size})")
     bench = StepBench(_preset_config(model_name, target, batch_size, labeled), target, image_size)
     warmup = 3 if on_gpu else 1  # first steps allocate memory and pick kernels
-    bench.time_steps(bench.supervised_step, warmup)
-    bench.time_steps(bench.mean_teacher_step, warmup)
+    alternate(bench.supervised_step, bench.mean_teacher_step, warmup, target.sync)
     supervised, mean_teacher, ratios = [], [], []
     for _ in tqdm(range(repeats), desc="train", unit="repeat"):
-        sup_seconds = bench.time_steps(bench.supervised_step, steps)
-        mt_seconds = bench.time_steps(bench.mean_teacher_step, steps)
+        sup_seconds, mt_seconds = alternate(
+            bench.supervised_step, bench.mean_teacher_step, steps, target.sync
+        )
         supervised.append(batch_size * steps / sup_seconds)
         mean_teacher.append(batch_size * steps / mt_seconds)
         ratios.append(mt_seconds / sup_seconds)
@@ -217,19 +223,19 @@ def bench_ema(
     parameters = sum(p.numel() for p in student.parameters())
     step = 10_000  # past the ramp: alpha = the decay, as for almost all of a run
 
-    def time_updates(update) -> float:
-        with Stopwatch(target.sync) as watch:
-            for _ in range(updates):
-                update(teacher, student, 0.999, step)
-        return watch.seconds * 1000 / updates
+    def fused_update() -> None:
+        update_teacher(teacher, student, 0.999, step)
 
-    time_updates(update_teacher)
-    time_updates(ema_update_loop)
+    def loop_update() -> None:
+        ema_update_loop(teacher, student, 0.999, step)
+
+    alternate(fused_update, loop_update, 1, target.sync)
     fused, loop, speedups = [], [], []
     for _ in tqdm(range(repeats), desc="ema", unit="repeat"):
-        fused.append(time_updates(update_teacher))
-        loop.append(time_updates(ema_update_loop))
-        speedups.append(loop[-1] / fused[-1])
+        fused_seconds, loop_seconds = alternate(fused_update, loop_update, updates, target.sync)
+        fused.append(fused_seconds * 1000 / updates)
+        loop.append(loop_seconds * 1000 / updates)
+        speedups.append(loop_seconds / fused_seconds)
     detail = {
         "model": model_name,
         "parameters": parameters,
