@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     common.add_argument("--repeats", type=_positive, default=3, help="timed repeats per figure (default 3)")
     common.add_argument("--work-dir", type=Path, help="keep generated inputs here (default: a temp dir)")
+    common.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument(
         "--images", type=Path, help="an ImageFolder-style tree of JPEGs instead of generated ones"
@@ -222,21 +223,21 @@ def check_targets(results: list[dict]) -> list[dict]:
     return checks
 
 
-def format_table(results: list[dict]) -> str:
+def format_table(results: list[dict], markdown: bool = False) -> str:
+    """The figures as an aligned text table, or as a Markdown table (for docs/performance.md)."""
     rows = [("figure", "unit", "median", "min", "max", "n")]
     for r in results:
-        rows.append(
-            (
-                r["name"],
-                r["unit"],
-                *(f"{r[k]:,.3g}" if r[k] < 10 else f"{r[k]:,.0f}" for k in ("median", "min", "max")),
-                str(r["repeats"]),
-            )
-        )
+        numbers = (f"{r[k]:,.3g}" if r[k] < 10 else f"{r[k]:,.0f}" for k in ("median", "min", "max"))
+        rows.append((f"`{r['name']}`" if markdown else r["name"], r["unit"], *numbers, str(r["repeats"])))
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        lines.insert(1, "|---|---|---:|---:|---:|---:|")
+        return "\n".join(lines)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         )
         for row in rows
     ]
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     except (MtScaleError, PipelineError, ShardFormatError) as exc:
         print(f"mt-bench: {exc}", file=sys.stderr)
         return 2
-    print(format_table(report["results"]))
+    print(format_table(report["results"], markdown=args.markdown))
     for check in report["targets"]:
         verdict = "holds" if check["holds"] else "MISSED"
         print(f"target {check['figure']} {check['threshold']}: median {check['median']:.3g} -> {verdict}")

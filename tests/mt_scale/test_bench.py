@@ -64,6 +64,8 @@ def test_figure_statistics_and_table() -> None:
     table = bench.format_table([result]).splitlines()
     assert table[0].split() == ["figure", "unit", "median", "min", "max", "n"]
     assert table[2].split() == ["x/y", "img/s", "2.5", "1", "10", "4"]
+    markdown = bench.format_table([result], markdown=True).splitlines()
+    assert markdown[2] == "| `x/y` | img/s | 2.5 | 1 | 10 | 4 |"
     with pytest.raises(ValueError):
         figure("x/y", "img/s", [])
 
