@@ -58,10 +58,10 @@ STAGE_DEFAULTS = {
     "image_size": None,  # 64 on CPU, 224 on a GPU
     "train_batch_size": 64,
     "train_labeled": None,  # a quarter of the batch
-    "steps": 10,
+    "steps": 6,
     "precision": "auto",
     "ema_model": "resnet152",
-    "updates": 10,
+    "updates": 8,
 }
 
 
@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         help="labeled rows per batch (default a quarter)",
     )
-    train.add_argument("--steps", type=_positive, default=10, help="timed steps per repeat (default 10)")
+    train.add_argument(
+        "--steps",
+        type=_positive,
+        default=STAGE_DEFAULTS["steps"],
+        help="timed steps of each kind per repeat (default 6)",
+    )
     train.add_argument(
         "--precision",
         choices=("auto", "fp32", "bf16"),
@@ -118,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     ema.add_argument(
         "--model", dest="ema_model", default="resnet152", help="model whose parameters are averaged"
     )
-    ema.add_argument("--updates", type=_positive, default=10, help="timed updates per repeat (default 10)")
+    ema.add_argument(
+        "--updates",
+        type=_positive,
+        default=STAGE_DEFAULTS["updates"],
+        help="timed updates of each kind per repeat (default 8)",
+    )
     every = sub.add_parser("all", parents=[common, data, plot, device], help="every stage with default sizes")
     every.set_defaults(**STAGE_DEFAULTS)
     return parser

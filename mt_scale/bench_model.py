@@ -162,7 +162,7 @@ def bench_train(
     image_size: int | None = None,
     batch_size: int = 64,
     labeled_per_batch: int | None = None,
-    steps: int = 10,
+    steps: int = 6,
     repeats: int = 3,
     device: str = "auto",
     precision: str = "auto",
@@ -209,7 +209,7 @@ def bench_train(
 
 
 def bench_ema(
-    model_name: str = "resnet152", updates: int = 10, repeats: int = 3, device: str = "auto"
+    model_name: str = "resnet152", updates: int = 8, repeats: int = 3, device: str = "auto"
 ) -> list[dict]:
     """Milliseconds per EMA update, fused (`update_teacher`) vs the reference's loop, and the speedup."""
     from mt_scale.config import ModelConfig
