@@ -96,6 +96,7 @@ def test_pack_counts_every_generated_image(tmp_path: Path, capsys: pytest.Captur
     assert set(results) == PACK_FIGURES
     for result in results.values():
         assert result["unit"] == "img/s" and result["detail"]["images"] == 12
+        assert result["detail"]["shard_size"] == 100
     assert results["pack/workers_1"]["detail"]["workers"] == 1
     assert results["pack/workers_all"]["detail"]["workers"] == report["machine"]["usable_cores"]
     assert results["pack/workers_1_max_side"]["detail"]["max_side"] == 48
