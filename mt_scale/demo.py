@@ -144,13 +144,16 @@ def plot_comparison(summary: dict[str, dict[str, dict[str, float]]], path: str |
     positions = np.arange(len(groups))
     width = 0.2
     fig, ax = plt.subplots(figsize=(8, 4))
+    highest = 0.0
     for index, (method, key, label, colour) in enumerate(bars):
         values = [summary[g][method][key] for g in groups[:-1]] + [mean_errors(summary, method, key)]
         ax.bar(positions + (index - 1.5) * width, values, width, label=label, color=colour)
+        highest = max(highest, *values)
+    ax.set_ylim(0, highest * 1.35 or 1.0)  # headroom for the legend above the bars
     ax.set_xticks(positions, [f"seed {g}" if g != "mean" else "mean" for g in groups])
     ax.set_ylabel("val top-1 error")
     ax.set_title(f"digits, {LABELS_PER_CLASS * 10} labels: Mean Teacher vs supervised only")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="upper left")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
