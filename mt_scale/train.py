@@ -205,6 +205,7 @@ def train(
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
     student = compile_model(student, cfg.model)
     teacher = create_teacher(student).to(accelerator.device)
+    teacher_forward = compile_model(teacher, cfg.model)  # shares the teacher's tensors; never DDP-wrapped
     set_seed(cfg.run.seed, device_specific=True)  # dropout etc. differ across ranks
     state = TrainState(world_size=accelerator.num_processes, class_names=list(loaders.class_names))
     accelerator.register_for_checkpointing(teacher, state)
@@ -266,7 +267,7 @@ def train(
                 with accelerator.accumulate(student):
                     with torch.no_grad(), accelerator.autocast():
                         # Always run: in train mode this pass updates the teacher's BatchNorm statistics.
-                        teacher_out = teacher(teacher_in)
+                        teacher_out = teacher_forward(teacher_in)
                     student_out = student(student_in)
                     losses = mean_teacher_loss(
                         student_out,
