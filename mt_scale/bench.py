@@ -340,14 +340,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = run(args, argv)
+    except (MtScaleError, PipelineError, ShardFormatError) as exc:
+        print(f"mt-bench: {exc}", file=sys.stderr)
+        return 2
+    try:
         if getattr(args, "plot", None) and any(r["name"].startswith("pipeline/") for r in report["results"]):
             machine = report["machine"]
             where = ", ".join(machine["gpus"]) or f"{machine['usable_cores']}-core CPU, no GPU"
             plot_pipeline(report["results"], args.plot, title=f"Two-view ImageNet-style loading ({where})")
         if args.json:
             write_json(report, args.json)
-    except (MtScaleError, PipelineError, ShardFormatError) as exc:
-        print(f"mt-bench: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(
+            f"mt-bench: cannot write {exc.filename}: {exc.strerror}; choose a writable --json/--plot path",
+            file=sys.stderr,
+        )
         return 2
     print(format_table(report["results"], markdown=args.markdown))
     for check in report["targets"]:

@@ -188,3 +188,22 @@ def test_bad_images_folder_is_one_line_and_status_2(tmp_path: Path, capsys: pyte
     assert bench.main(["pipeline", "--images", str(tmp_path / "missing"), "--repeats", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mt-bench: ") and "--images" in err[0]
+
+
+def test_unwritable_json_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    argv = [
+        "ema",
+        "--model",
+        "mt_digits_cnn",
+        "--updates",
+        "1",
+        "--repeats",
+        "1",
+        "--json",
+        str(blocker / "x.json"),
+    ]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mt-bench: cannot write") and "--json" in err[0]
