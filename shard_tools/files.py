@@ -34,3 +34,30 @@ def remove_partials(folder: str | Path) -> None:
     """Drop what an interrupted run left half-written."""
     for leftover in Path(folder).glob("." + "*" + PARTIAL_SUFFIX):
         leftover.unlink(missing_ok=True)
+
+
+def read_pairs(path: str | Path, what: str, columns: str, fix: str) -> list[tuple[str, str, str]]:
+    """Parse `<left> <right>` lines (`#` comments, blank lines skipped) of a file list or labels file.
+
+    Returns (left, right, "file:line") triples; the right column is the last word, so the left one
+    may hold spaces. `what` names the file in messages, `columns` the expected line, `fix` the remedy.
+    """
+    from shard_tools.format import ShardFormatError
+
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ShardFormatError(f"{path}: cannot read the {what} ({exc}); {fix}") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        parts = text.rsplit(None, 1)
+        if len(parts) != 2:
+            raise ShardFormatError(f"{path}:{number}: expected '{columns}', got {text!r}")
+        entries.append((parts[0], parts[1], f"{path}:{number}"))
+    if not entries:
+        raise ShardFormatError(f"{path}: the {what} names no image; write '{columns}' lines")
+    return entries

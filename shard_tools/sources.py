@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shard_tools.files import read_pairs
 from shard_tools.format import ShardFormatError
 
 DIGITS = "digits"
@@ -141,24 +142,10 @@ def _load_tree(root: Path, classes_file: str | None) -> Collection:
 
 
 def _read_list(list_path: Path, classes: list[str] | None, classes_file: str | None) -> list[tuple[str, str, str]]:
-    try:
-        lines = list_path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ShardFormatError(f"{list_path}: cannot read the file list ({exc}); check the path") from None
-    entries = []
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = text.rsplit(None, 1)
-        if len(parts) != 2:
-            raise ShardFormatError(f"{list_path}:{number}: expected '<path> <class name>', got {line.strip()!r}")
-        path, name = parts
-        if classes is not None:
-            _class_index(classes, name, f"{list_path}:{number}", classes_file)
-        entries.append((path, name, f"{list_path}:{number}"))
-    if not entries:
-        raise ShardFormatError(f"{list_path}: the file list names no image; write '<path> <class name>' lines")
+    entries = read_pairs(list_path, "file list", "<path> <class name>", "check the path")
+    if classes is not None:
+        for _path, name, where in entries:
+            _class_index(classes, name, where, classes_file)
     return entries
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shard_tools.files import read_pairs
 from shard_tools.format import ShardFormatError
 
 _PURPOSE = {"labels": 1, "holdout": 2, "shuffle": 3}
@@ -92,26 +93,14 @@ def shuffled(count: int, seed: int, split_code: int) -> list[int]:
 
 def read_labels_file(path: str | Path, classes: Sequence[str]) -> list[tuple[str, int, str]]:
     """Parse `<key or file name> <class name>` lines; returns (name, class index, "file:line")."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ShardFormatError(f"{path}: cannot read the labels file ({exc}); check --labels") from None
     entries = []
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        parts = text.rsplit(None, 1)
-        if len(parts) != 2:
-            raise ShardFormatError(f"{path}:{number}: expected '<key or file name> <class name>', got {text!r}")
-        name, class_name = parts
+    for name, class_name, where in read_pairs(
+        path, "labels file", "<key or file name> <class name>", "check --labels"
+    ):
         if class_name not in classes:
-            raise ShardFormatError(f"{path}:{number}: unknown class {class_name!r}; the set's classes are "
+            raise ShardFormatError(f"{where}: unknown class {class_name!r}; the set's classes are "
                                    f"{', '.join(list(classes)[:5])}{'...' if len(classes) > 5 else ''}")
-        entries.append((name, list(classes).index(class_name), f"{path}:{number}"))
-    if not entries:
-        raise ShardFormatError(f"{path}: the labels file names no image; write '<key> <class name>' lines")
+        entries.append((name, list(classes).index(class_name), where))
     return entries
 
 
