@@ -27,14 +27,35 @@ from mt_scale.errors import MtScaleError
 if TYPE_CHECKING:
     from mt_scale.config import ModelConfig
 
-# keyword arguments timm.create_model passes to every entrypoint; ours have no pretrained weights
+# keyword arguments timm.create_model passes to every entrypoint
 _TIMM_CREATE_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _no_pretrained(name: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    if pretrained:
-        raise MtScaleError(f"model {name!r} has no pretrained weights; use pretrained=False")
-    return {k: v for k, v in kwargs.items() if k not in _TIMM_CREATE_ARGS}
+def _entry_kwargs(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Our models publish no weights; pretrained=True loads an exported teacher named by `file`.
+
+    `timm.create_model(name, num_classes=K, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`
+    then works for our registered models as it does for timm's own.
+    """
+    file = None
+    for source in (kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg")):
+        if isinstance(source, dict) and source.get("file"):
+            file = str(source["file"])
+            break
+    if pretrained and file is None:
+        raise MtScaleError(
+            f"model {name!r} has no pretrained weights; use pretrained=False, or load an exported "
+            "teacher with pretrained_cfg_overlay=dict(file=PATH)"
+        )
+    return {k: v for k, v in kwargs.items() if k not in _TIMM_CREATE_ARGS}, (file if pretrained else None)
+
+
+def _load_exported(model: nn.Module, file: str | None) -> nn.Module:
+    if file is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(file), strict=True)
+    return model
 
 
 class _Shake(torch.autograd.Function):
@@ -197,23 +218,24 @@ def _reference_init(model: nn.Module) -> None:
 @register_model
 def mt_resnext152_32x4d(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """The reference's ImageNet model (architectures.resnext152)."""
-    kwargs = _no_pretrained("mt_resnext152_32x4d", pretrained, kwargs)
+    kwargs, file = _entry_kwargs("mt_resnext152_32x4d", pretrained, kwargs)
     kwargs.setdefault("zero_init_last", False)  # the reference initialises every BN weight to 1
-    return ResNet(block=Bottleneck, layers=(3, 8, 36, 3), cardinality=32, base_width=4, **kwargs)
+    model = ResNet(block=Bottleneck, layers=(3, 8, 36, 3), cardinality=32, base_width=4, **kwargs)
+    return _load_exported(model, file)
 
 
 @register_model
 def cifar_shakeshake26(pretrained: bool = False, **kwargs: Any) -> ShakeShakeResNet:
     """The reference's CIFAR-10 model (architectures.cifar_shakeshake26)."""
-    kwargs = _no_pretrained("cifar_shakeshake26", pretrained, kwargs)
-    return ShakeShakeResNet(layers=(4, 4, 4), channels=96, **kwargs)
+    kwargs, file = _entry_kwargs("cifar_shakeshake26", pretrained, kwargs)
+    return _load_exported(ShakeShakeResNet(layers=(4, 4, 4), channels=96, **kwargs), file)
 
 
 @register_model
 def mt_digits_cnn(pretrained: bool = False, **kwargs: Any) -> DigitsCNN:
     """Small convnet for the CPU demo (32x32 RGB digits)."""
-    kwargs = _no_pretrained("mt_digits_cnn", pretrained, kwargs)
-    return DigitsCNN(**kwargs)
+    kwargs, file = _entry_kwargs("mt_digits_cnn", pretrained, kwargs)
+    return _load_exported(DigitsCNN(**kwargs), file)
 
 
 class MeanTeacherNet(nn.Module):

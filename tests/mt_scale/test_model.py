@@ -99,3 +99,18 @@ def test_shake_mixes_per_sample_and_draws_a_new_gate_backward():
 def test_unwrap_model_sees_through_compile():
     model = create_model(ModelConfig(name="mt_digits_cnn"), num_classes=3)
     assert unwrap_model(torch.compile(model)) is model
+
+
+def test_exported_teacher_of_our_model_loads_in_stock_timm(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="mt_digits_cnn", two_heads=True), num_classes=10).eval()
+    path = tmp_path / "teacher.safetensors"
+    save_file(export_class_head_state_dict(model), str(path))
+    stock = timm.create_model(
+        "mt_digits_cnn", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))
+    ).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(stock(images), model(images)[0], atol=1e-5)
