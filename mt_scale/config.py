@@ -5,12 +5,13 @@ preset (mt_scale/presets/<name>.yaml), then the YAML file, then each override, i
 A YAML file may name its base with a top-level `preset:` key. Values are typed by the dataclass
 field they set; an unknown section or key raises MtScaleError naming it and the valid ones.
 
-All batch sizes and the learning rate are PER DEVICE (one rank), as in the reference's
-experiment files (`base_batch_size`, `base_lr`). `scale_for_world_size` turns them into what a
-run on N devices uses: the reference multiplies batch, labeled batch and LR by the GPU count of
-one DataParallel process; with one process per device the batch stays per device (the global
-batch becomes N times larger by itself) and the LR is multiplied by N (and by the gradient
-accumulation steps). `optim.initial_lr` (the LR ramp-up's start) is not scaled, as in the reference.
+Batches and the learning rate mean one of two things, chosen by `run.batch_scope`:
+- "global" (the paper presets): `data.batch_size`/`data.labeled_per_batch` are the batch of ONE
+  optimizer step over all devices and `optim.lr` its peak LR, as the paper ran them; on N devices
+  `resolve_for_devices` derives the per-device batch and the gradient accumulation that keep them.
+- "per_device": batch sizes and LR are per device as the reference's `base_*` values; the batch
+  grows with the device count and the LR is multiplied by N x accumulation.
+`optim.initial_lr` (the LR ramp-up's start) is never scaled, as in the reference.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class OptimConfig:
     """Optimizer (timm name) and the reference's LR schedule; `lr` is per device."""
 
     name: str = "sgd"
-    lr: float = 0.1  # peak LR, per device (multiplied by the device count, see scale_for_world_size)
+    lr: float = 0.1  # peak LR: of the global batch, or per device (see run.batch_scope)
     initial_lr: float = 0.0  # start of the linear ramp-up (not scaled with the device count)
     lr_rampup_epochs: float = 0.0
     lr_rampdown_epochs: float = 0.0  # length of the cosine half cycle, >= run.epochs; 0 = constant
@@ -87,6 +88,8 @@ class RunConfig:
     keep_checkpoints: int = 2
     output_dir: str = "runs/mt"
     shards: str = ""  # the shard set directory (mt-shard pack output)
+    batch_scope: str = "per_device"  # "global": data batch sizes and optim.lr are per optimizer step
+    max_device_batch: int = 0  # global scope: most rows one device takes per micro-batch (0 = no cap)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Config:
 
 
 SECTIONS = ("model", "data", "optim", "mt", "run")
+BATCH_SCOPES = ("global", "per_device")
 
 
 def load_config(
@@ -153,6 +157,11 @@ def validate_config(cfg: Config) -> Config:
         ),
         (cfg.run.epochs >= 1, f"run.epochs={cfg.run.epochs}: must be >= 1"),
         (cfg.run.grad_accum_steps >= 1, "run.grad_accum_steps must be >= 1"),
+        (
+            cfg.run.batch_scope in BATCH_SCOPES,
+            f"run.batch_scope={cfg.run.batch_scope!r}: use {' or '.join(BATCH_SCOPES)}",
+        ),
+        (cfg.run.max_device_batch >= 0, "run.max_device_batch must be >= 0 (0 = no cap)"),
         (cfg.run.log_every_steps >= 1, "run.log_every_steps must be >= 1"),
         (cfg.run.eval_every_epochs >= 0, "run.eval_every_epochs must be >= 0 (0 = only at the end)"),
         (cfg.run.checkpoint_every_epochs >= 0, "run.checkpoint_every_epochs must be >= 0"),
@@ -168,16 +177,61 @@ def validate_config(cfg: Config) -> Config:
     return cfg
 
 
-def scale_for_world_size(cfg: Config, world_size: int) -> Config:
-    """A copy whose LR is the per-device `optim.lr` times world_size x grad_accum_steps.
+@dataclass(frozen=True)
+class DevicePlan:
+    """How one optimizer step's batch is laid over the devices (what report.json records)."""
 
-    Batches stay per device; see the module docstring for how this matches the reference.
+    world_size: int
+    grad_accum_steps: int
+    device_batch: int  # rows per device per micro-batch
+    labeled_per_rank: tuple[int, ...]  # labeled rows per micro-batch, rank by rank
+    global_batch: int  # rows per optimizer step over all devices
+    global_labeled: int
+    lr: float  # the peak LR the run uses
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "labeled_per_rank": list(self.labeled_per_rank)}
+
+
+def plan_devices(cfg: Config, world_size: int) -> DevicePlan:
+    """The per-device batch, accumulation and LR that run `cfg` on `world_size` devices.
+
+    Global scope: the smallest accumulation (at least run.grad_accum_steps) that splits the global
+    batch evenly over devices and micro-batches within run.max_device_batch, with the labeled rows
+    of a micro-batch spread over ranks (floor or ceil each, the exact global count in total). Every
+    rank has the same batch size, so DDP's gradient mean is the mean over the global batch.
     """
     if world_size < 1:
         raise MtScaleError(f"world_size={world_size}: must be >= 1")
-    factor = world_size * cfg.run.grad_accum_steps
-    optim = dataclasses.replace(cfg.optim, lr=cfg.optim.lr * factor)
-    return dataclasses.replace(cfg, optim=optim)
+    batch, labeled, accum = cfg.data.batch_size, cfg.data.labeled_per_batch, cfg.run.grad_accum_steps
+    if cfg.run.batch_scope == "per_device":
+        return DevicePlan(world_size, accum, batch, (labeled,) * world_size, batch * world_size * accum,
+                          labeled * world_size * accum, cfg.optim.lr * world_size * accum)
+    cap = cfg.run.max_device_batch or batch
+    for steps in range(accum, batch + 1):
+        if batch % (world_size * steps) or labeled % steps or batch // (world_size * steps) > cap:
+            continue
+        device_batch, micro_labeled = batch // (world_size * steps), labeled // steps
+        per_rank = tuple(micro_labeled // world_size + (rank < micro_labeled % world_size)
+                         for rank in range(world_size))
+        if min(per_rank) < 1 or max(per_rank) > device_batch:
+            continue
+        return DevicePlan(world_size, steps, device_batch, per_rank, batch, labeled, cfg.optim.lr)
+    raise MtScaleError(
+        f"run.batch_scope=global: a batch of {batch} rows ({labeled} labeled) cannot be split evenly over "
+        f"{world_size} devices within run.max_device_batch={cfg.run.max_device_batch}; use a device count "
+        "that divides data.batch_size, change the batch, or set run.batch_scope=per_device"
+    )
+
+
+def resolve_for_devices(cfg: Config, world_size: int, rank: int = 0) -> Config:
+    """A copy of `cfg` with what `rank` of `world_size` runs: per-device batch, accumulation, peak LR."""
+    plan = plan_devices(cfg, world_size)
+    data = dataclasses.replace(cfg.data, batch_size=plan.device_batch,
+                               labeled_per_batch=plan.labeled_per_rank[rank])
+    run = dataclasses.replace(cfg.run, grad_accum_steps=plan.grad_accum_steps)
+    optim = dataclasses.replace(cfg.optim, lr=plan.lr)
+    return dataclasses.replace(cfg, data=data, run=run, optim=optim)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -15,8 +15,8 @@ steps over the same labeled stream with the same schedules; the teacher is still
 student and is evaluated too. (A config with data.labeled_per_batch == data.batch_size gives
 all-labeled batches directly; the labeled split then defines the epoch.)
 
-`optim.lr` is per device: the run uses `scale_for_world_size` (lr x processes x accumulation
-steps, the reference's linear scaling), and report.json records the LR actually used.
+Batch sizes and `optim.lr` are global or per device (`run.batch_scope`); `resolve_for_devices`
+gives this rank's micro-batch, the gradient accumulation and the peak LR, and report.json records them.
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def train(
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mt_scale.config import config_to_dict, config_to_yaml, scale_for_world_size
+    from mt_scale.config import config_to_dict, config_to_yaml, plan_devices, resolve_for_devices
     from mt_scale.losses import consistency_weight, mean_teacher_loss
     from mt_scale.model import compile_model, create_model
     from mt_scale.optim import create_optimizer, create_scheduler
@@ -177,9 +177,14 @@ def train(
     main_process = accelerator.is_main_process
     _prepare_run_dir(accelerator, run_dir, resuming=resume is not None)
 
-    resolved = config_to_dict(cfg)  # as given (per device): what config.yaml and report.json hold
+    resolved = config_to_dict(cfg)  # as given: what config.yaml and report.json hold
     resolved_yaml = config_to_yaml(cfg)
-    cfg = scale_for_world_size(cfg, accelerator.num_processes)
+    device_plan = plan_devices(cfg, accelerator.num_processes)
+    cfg = resolve_for_devices(cfg, accelerator.num_processes, accelerator.process_index)
+    accelerator.gradient_accumulation_steps = cfg.run.grad_accum_steps
+    accelerator.print(f"batch: {device_plan.global_batch} per step ({device_plan.global_labeled} labeled) = "
+                      f"{device_plan.world_size} devices x {device_plan.grad_accum_steps} micro-batches x "
+                      f"{device_plan.device_batch}; peak lr {device_plan.lr:g}")
     loaders = build_loaders(
         cfg.run.shards, cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes
     )
@@ -224,7 +229,9 @@ def train(
     device = accelerator.device
     # Supervised-only: the student (and teacher) take the labeled rows alone.
     student_rows = cfg.data.batch_size if cfg.mt.enabled else cfg.data.labeled_per_batch
-    images_per_batch = student_rows * accelerator.num_processes
+    # over all ranks (labeled rows may differ by one between ranks under a global batch)
+    images_per_batch = (device_plan.device_batch * device_plan.world_size if cfg.mt.enabled
+                        else sum(device_plan.labeled_per_rank))
     last_eval: dict[str, float] = {}
 
     def run_eval() -> dict[str, float]:
@@ -366,6 +373,7 @@ def train(
             export_path=export_path, num_classes=num_classes,
         )  # fmt: skip
         report["config"] = resolved
+        report["batch"] = device_plan.as_dict()  # what the run used: per device, accumulation, global, lr
         write_report(run_dir, report)
         plot_curves(run_dir, title=f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}")
         print(summary_line(report), flush=True)

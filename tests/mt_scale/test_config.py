@@ -13,7 +13,8 @@ from mt_scale.config import (
     config_to_dict,
     config_to_yaml,
     load_config,
-    scale_for_world_size,
+    plan_devices,
+    resolve_for_devices,
 )
 from mt_scale.errors import MtScaleError
 
@@ -27,8 +28,10 @@ def test_the_three_presets_exist_and_load():
 def test_imagenet_preset_has_the_reference_values():
     cfg = load_config("imagenet-10pct-resnet152")
     assert (cfg.model.name, cfg.model.two_heads) == ("resnet152", True)
-    assert (cfg.data.batch_size, cfg.data.labeled_per_batch) == (40, 20)
-    assert (cfg.optim.lr, cfg.optim.initial_lr, cfg.optim.lr_rampup_epochs) == (0.025, 0.1, 2)
+    # the paper's global batch: 10 GPUs x (40 images, 20 labeled), peak LR 10 x 0.025
+    assert (cfg.data.batch_size, cfg.data.labeled_per_batch, cfg.run.batch_scope) == (400, 200, "global")
+    assert (cfg.optim.lr, cfg.optim.initial_lr, cfg.optim.lr_rampup_epochs) == (0.25, 0.1, 2)
+    assert cfg.run.max_device_batch == 40
     assert (cfg.optim.lr_rampdown_epochs, cfg.optim.weight_decay, cfg.optim.nesterov) == (75, 5e-5, True)
     assert (cfg.mt.ema_decay, cfg.mt.consistency, cfg.mt.consistency_weight) == (0.9997, "kl", 10.0)
     assert (cfg.mt.consistency_rampup_epochs, cfg.mt.logit_distance_cost, cfg.run.epochs) == (5, 0.01, 60)
@@ -38,10 +41,11 @@ def test_imagenet_preset_has_the_reference_values():
 def test_cifar_preset_has_the_reference_values():
     cfg = load_config("cifar10-4000")
     assert cfg.model.name == "cifar_shakeshake26"
-    assert (cfg.data.batch_size, cfg.data.labeled_per_batch) == (128, 31)
-    assert (cfg.optim.lr, cfg.optim.lr_rampup_epochs, cfg.optim.lr_rampdown_epochs) == (0.05, 0, 210)
-    assert (cfg.optim.weight_decay, cfg.mt.ema_decay, cfg.mt.consistency) == (2e-4, 0.97, "mse")
-    assert (cfg.mt.consistency_weight, cfg.run.epochs) == (100.0, 180)
+    # cifar10_test.py, 4000 labels: 4 GPUs x (128 images, 31 labeled), lr 4 x 0.05, EMA 0.99, 300 epochs
+    assert (cfg.data.batch_size, cfg.data.labeled_per_batch, cfg.run.batch_scope) == (512, 124, "global")
+    assert (cfg.optim.lr, cfg.optim.lr_rampup_epochs, cfg.optim.lr_rampdown_epochs) == (0.2, 0, 350)
+    assert (cfg.optim.weight_decay, cfg.mt.ema_decay, cfg.mt.consistency) == (2e-4, 0.99, "mse")
+    assert (cfg.mt.consistency_weight, cfg.run.epochs, cfg.run.max_device_batch) == (100.0, 300, 128)
     assert cfg.data.mean == (0.4914, 0.4822, 0.4465)
 
 
@@ -130,17 +134,54 @@ def test_config_file_starts_from_its_preset_and_overrides_win(tmp_path):
         load_config("imagenet")
 
 
-def test_scale_for_world_size_multiplies_the_lr_only():
+@pytest.mark.parametrize(("devices", "accum", "device_batch", "labeled"), [
+    (1, 10, 40, [20]),  # the reference's 10 GPUs as 10 accumulated micro-batches
+    (4, 4, 25, [13, 13, 12, 12]),  # fewest micro-batches first
+    (8, 2, 25, [13] * 4 + [12] * 4),  # 100 labeled per micro-batch: floor or ceil per rank
+    (10, 1, 40, [20] * 10),  # the reference's own layout
+    (16, 1, 25, [13] * 8 + [12] * 8),
+])
+def test_imagenet_preset_keeps_the_global_batch_and_lr_on_any_device_count(devices, accum, device_batch, labeled):
     cfg = load_config("imagenet-10pct-resnet152")
-    scaled = scale_for_world_size(cfg, 8)
+    plan = plan_devices(cfg, devices)
+    assert (plan.grad_accum_steps, plan.device_batch, list(plan.labeled_per_rank)) == (accum, device_batch, labeled)
+    assert plan.device_batch * devices * accum == plan.global_batch == 400
+    assert sum(plan.labeled_per_rank) * accum == plan.global_labeled == 200
+    assert plan.lr == 0.25
+    for rank in range(devices):
+        resolved = resolve_for_devices(cfg, devices, rank)
+        assert (resolved.data.batch_size, resolved.data.labeled_per_batch) == (device_batch, labeled[rank])
+        assert (resolved.run.grad_accum_steps, resolved.optim.lr, resolved.optim.initial_lr) == (accum, 0.25, 0.1)
+    assert cfg.data.batch_size == 400  # the input is not modified
+
+
+def test_cifar_preset_keeps_the_papers_batch_of_512_with_124_labeled():
+    cfg = load_config("cifar10-4000")
+    assert [(p.grad_accum_steps, p.device_batch, p.labeled_per_rank) for p in map(lambda n: plan_devices(cfg, n), (1, 4))] == [
+        (4, 128, (31,)), (1, 128, (31,) * 4)]
+    assert plan_devices(cfg, 8).labeled_per_rank == (16,) * 4 + (15,) * 4
+
+
+def test_per_device_scope_multiplies_the_lr_and_keeps_batches_per_device():
+    cfg = load_config("imagenet-10pct-resnet152", overrides=[
+        "run.batch_scope=per_device", "data.batch_size=40", "data.labeled_per_batch=20", "optim.lr=0.025"])
+    scaled = resolve_for_devices(cfg, 8)
     assert scaled.optim.lr == pytest.approx(0.2)
     assert scaled.optim.initial_lr == 0.1  # the reference does not scale the ramp-up start
     assert (scaled.data.batch_size, scaled.data.labeled_per_batch) == (40, 20)  # per device
-    assert cfg.optim.lr == 0.025  # the input is not modified
+    assert plan_devices(cfg, 8).global_batch == 320
     accumulated = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, grad_accum_steps=2))
-    assert scale_for_world_size(accumulated, 4).optim.lr == pytest.approx(0.2)
+    assert resolve_for_devices(accumulated, 4).optim.lr == pytest.approx(0.2)
     with pytest.raises(MtScaleError):
-        scale_for_world_size(cfg, 0)
+        resolve_for_devices(cfg, 0)
+
+
+def test_a_global_batch_that_cannot_be_split_is_one_clear_error():
+    cfg = load_config("imagenet-10pct-resnet152")
+    with pytest.raises(MtScaleError, match=r"400 rows \(200 labeled\).*7 devices.*batch_scope=per_device"):
+        plan_devices(cfg, 7)
+    with pytest.raises(MtScaleError, match="batch_scope"):
+        load_config("imagenet-10pct-resnet152", overrides=["run.batch_scope=node"])
 
 
 def test_sections_match_the_dataclass():
