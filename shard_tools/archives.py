@@ -198,7 +198,7 @@ def _layout(path: Path) -> str:
     return "ilsvrc-train" if first.endswith(".tar") else "flat"
 
 
-def load_archive(path: Path, classes_file: str | None) -> Collection:
+def load_archive(path: Path, classes_file: str | None, progress: bool = False) -> Collection:
     """The Collection of a train archive: ILSVRC2012_img_train.tar or cifar-10-binary.tar.gz."""
     layout = _layout(path)
     if layout == "cifar-binary":
@@ -208,14 +208,18 @@ def load_archive(path: Path, classes_file: str | None) -> Collection:
     if layout == "flat":
         raise ShardFormatError(f"{path}: holds images, not one <wnid>.tar per class; give it as --val "
                                "(with --val-labels) beside the train archive")
-    return _load_ilsvrc_train(path, classes_file)
+    return _load_ilsvrc_train(path, classes_file, progress)
 
 
-def _load_ilsvrc_train(path: Path, classes_file: str | None) -> Collection:
+def _load_ilsvrc_train(path: Path, classes_file: str | None, progress: bool) -> Collection:
+    from tqdm import tqdm
+
     per_class: dict[str, list[tuple[str, int, int]]] = {}
     skipped = []
     with open(path, "rb", buffering=0) as outer, open(path, "rb", buffering=0) as inner:
-        for name, offset, size in _tar_files(path, outer):
+        class_tars = _tar_files(path, outer)
+        # About 1.3 million headers for ImageNet, read one seek each: worth a progress bar.
+        for name, offset, size in tqdm(class_tars, desc="index", unit="tar", disable=not progress, leave=False):
             if not name.endswith(".tar"):
                 skipped.append({"path": name, "reason": "not a class tar"})
                 continue
@@ -234,12 +238,12 @@ def _load_ilsvrc_train(path: Path, classes_file: str | None) -> Collection:
                                    "fix the classes file")
     else:
         classes = _check_class_names(sorted(per_class), str(path))
-    items = []
+    items, archive = [], str(path)  # one string shared by every member
     for wnid, files in per_class.items():
         label = _class_index(classes, wnid, f"{path}: {wnid}.tar", classes_file)
         for name, offset, size in files:
             origin = f"{wnid}/{name}"
-            items.append(Item(key_for(origin), label, origin, path=ArchiveMember(str(path), offset, size)))
+            items.append(Item(key_for(origin), label, origin, path=ArchiveMember(archive, offset, size)))
     return Collection(f"archive {path}", classes, items, None, 0.1, skipped)
 
 
@@ -278,8 +282,8 @@ def cifar_records(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_cifar(path: Path) -> Collection:
     names = [*CIFAR_TRAIN, CIFAR_TEST, CIFAR_META]
-    files = _small_members(path, lambda name: name.split("/", 1)[-1] if name in
-                           {f"{CIFAR_DIR}/{n}" for n in names} else None)
+    wanted = {f"{CIFAR_DIR}/{name}": name for name in names}
+    files = _small_members(path, wanted.get)
     missing = [name for name in names if name not in files]
     if missing:
         raise ShardFormatError(f"{path}: no {CIFAR_DIR}/{missing[0]}; download {CIFAR_BINARY_URL} again")
@@ -383,7 +387,8 @@ def _load_val(val: Path, val_labels: str | None, classes: list[str], classes_fil
             raise ShardFormatError(f"{val}: a val archive names no classes; add --val-labels FILE (a "
                                    "'<file name> <wnid>' list, LOC_val_solution.csv or ILSVRC2012_devkit_t12.tar.gz)")
         with open(val, "rb", buffering=0) as handle:
-            files = [(name, ArchiveMember(str(val), offset, size)) for name, offset, size in _tar_files(val, handle)]
+            archive = str(val)
+            files = [(name, ArchiveMember(archive, offset, size)) for name, offset, size in _tar_files(val, handle)]
         return _labeled_val(files, Path(val_labels), classes), "archive"
     if val.is_dir() and val_labels:  # a flat folder of val images, e.g. the extracted val archive
         files = [(file.relative_to(val).as_posix(), str(file)) for file in _files_under(val)]

@@ -262,7 +262,7 @@ def pack(
         return PackSummary(out, counts, len(manifest.skipped), total, 0.0, 0, already_complete=True)
 
     collection = load_source(source, str(classes_file) if classes_file else None, str(val_list) if val_list else None,
-                             str(val_labels) if val_labels else None)
+                             str(val_labels) if val_labels else None, progress)
     if labels_file is not None:
         read_labels_file(labels_file, collection.classes)  # its errors show before the long check
     items = collection.train + (collection.val or [])

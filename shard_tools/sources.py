@@ -199,7 +199,7 @@ def _load_digits() -> Collection:
 
 
 def load_source(source: str | Path, classes_file: str | None = None, val_list: str | None = None,
-                val_labels: str | None = None) -> Collection:
+                val_labels: str | None = None, progress: bool = False) -> Collection:
     """Find every image of `source` (a folder tree, a list file, an archive or "digits") and its class.
 
     `val_list` is the val source (`--val`: a tree, a list, or a flat archive or folder with `val_labels`).
@@ -208,11 +208,11 @@ def load_source(source: str | Path, classes_file: str | None = None, val_list: s
         if classes_file or val_list or val_labels:
             raise ShardFormatError("digits: --classes and --val apply only to folder trees, file lists and archives")
         return _load_digits()
-    from shard_tools import archives
+    from shard_tools import archives  # here, not at the top: archives builds on this module
 
     path = Path(source)
     if path.is_file() and archives.is_archive(path):
-        collection = archives.load_archive(path, classes_file)
+        collection = archives.load_archive(path, classes_file, progress)
     elif path.is_dir():
         collection = _load_tree(path, classes_file)
     elif path.is_file():
