@@ -58,7 +58,7 @@ DEVKIT_META = "data/meta.mat"
 _MAX_SMALL_MEMBER = 64 << 20  # CIFAR batches (30 MB) and devkit files: anything larger is not one
 _KNOWN = ("ILSVRC2012_img_train.tar (one <wnid>.tar per class), a flat val tar with --val, "
           "or cifar-10-binary.tar.gz")
-_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip"}
+_MAGIC = {b"\x1f\x8b": "gzip", b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip"}
 
 
 class ArchiveMember(NamedTuple):
@@ -90,6 +90,8 @@ def archive_format(path: str | Path) -> str | None:
     for magic, name in _MAGIC.items():
         if head.startswith(magic):
             return name
+    if head[:3] == b"BZh" and head[4:10] == b"1AY&SY":  # the block magic too: a list may start with "BZh"
+        return "bzip2"
     return "tar" if head[257:262] == b"ustar" else None
 
 

@@ -148,8 +148,8 @@ def _samples(out: Path, split: str) -> dict[str, dict]:
     return samples
 
 
-def _labels_of(path: Path) -> str:
-    return {"list": "val_labels.txt", "loc": "LOC_val_solution.csv", "devkit": "ILSVRC2012_devkit_t12.tar.gz"}[path]
+def _labels_of(form: str) -> str:
+    return {"list": "val_labels.txt", "loc": "LOC_val_solution.csv", "devkit": "ILSVRC2012_devkit_t12.tar.gz"}[form]
 
 
 @pytest.mark.parametrize(("val_form", "labels_form"),
