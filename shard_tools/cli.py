@@ -22,15 +22,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mt-shard", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pack = commands.add_parser("pack", help="pack an image tree, a file list or 'digits' into a shard set")
+    pack = commands.add_parser("pack", help="pack an image tree, a file list, an archive or 'digits' into a shard set")
     pack.add_argument("source", metavar="SRC",
-                      help="SRC/train/<class>/* (+ SRC/val/<class>/*), SRC/<class>/*, a '<path> <class>' list, or digits")
+                      help="SRC/train/<class>/* (+ SRC/val/<class>/*), SRC/<class>/*, a '<path> <class>' list, "
+                           "ILSVRC2012_img_train.tar, cifar-10-binary.tar.gz, or digits")
     pack.add_argument("out", metavar="OUT", help="the shard set folder to write (new, empty, or an unfinished pack)")
     _add_label_options(pack)
     pack.add_argument("--val-fraction", type=float, metavar="F",
                       help="hold out this class-balanced fraction for val when SRC has no val part "
                            "(default: 0.3 for digits, 0.1 otherwise; 0 = no val)")
-    pack.add_argument("--val-list", metavar="FILE", help="val images of a file-list SRC, same line format")
+    pack.add_argument("--val", "--val-list", dest="val_list", metavar="VAL",
+                      help="val images: a class tree, a '<path> <class>' list, or a flat archive or folder "
+                           "(ILSVRC2012_img_val.tar) with --val-labels")
+    pack.add_argument("--val-labels", metavar="FILE", help="classes of the --val images: '<file name> <wnid>' lines "
+                      "(LOC_val_solution.csv works) or ILSVRC2012_devkit_t12.tar.gz")
     pack.add_argument("--classes", dest="classes_file", metavar="FILE",
                       help="class names in index order, one per line (default: sorted names found)")
     pack.add_argument("--max-side", type=int, metavar="PX", help="shrink so the longer side is at most PX")
@@ -65,6 +70,7 @@ def _run(args: argparse.Namespace) -> int:
             labels_file=args.labels_file, seed=args.seed, val_fraction=args.val_fraction, max_side=args.max_side,
             quality=args.quality, shard_size=args.shard_size, shard_bytes=args.shard_bytes, workers=args.workers,
             progress=not args.quiet, classes_file=args.classes_file, val_list=args.val_list,
+            val_labels=args.val_labels,
         )
         print(summary.line())
         return 0

@@ -19,9 +19,11 @@ class BadImage(Exception):
     """An input file that cannot be packed; the message is the reason listed in the manifest."""
 
 
-def read_bytes(path: str | None, data: bytes | None) -> bytes:
+def read_bytes(path: str | tuple | None, data: bytes | None) -> bytes:
     if data is not None:
         return data
+    if isinstance(path, tuple):  # a member of an archive: shard_tools.archives.ArchiveMember
+        return path.read()
     try:
         with open(path, "rb") as handle:
             return handle.read()

@@ -29,7 +29,7 @@ def _val_method(val_split: dict) -> str:
     method = val_split.get("method")
     if method == "fraction":
         return f"class-balanced {val_split['fraction']} of the training images held out, seed {val_split.get('seed')}"
-    if method in ("folder", "list"):
+    if method in ("folder", "list", "archive"):
         return f"the source's own val {method}"
     return "none"
 

@@ -221,14 +221,20 @@ def pack(
     progress: bool = True,
     classes_file: str | Path | None = None,
     val_list: str | Path | None = None,
+    val_labels: str | Path | None = None,
 ) -> PackSummary:
-    """Pack `source` (an image tree, a list file or "digits") into the shard set `out_dir`."""
+    """Pack `source` (an image tree, a list file, an archive or "digits") into the shard set `out_dir`.
+
+    `val_list` is the val source (`--val`), `val_labels` the classes of a flat val archive or folder.
+    """
     started = time.perf_counter()
     workers = default_workers() if workers is None else int(workers)
     _check_options(quality, shard_size, shard_bytes, workers, max_side, labels_per_class, label_fraction, labels_file)
     out = Path(out_dir)
     if labels_file is not None and not Path(labels_file).is_file():
         raise ShardFormatError(f"{labels_file}: no such labels file; check --labels")
+    if val_labels is not None and not Path(val_labels).is_file():
+        raise ShardFormatError(f"{val_labels}: no such val labels file; check --val-labels")
     # Everything that decides the output (not the worker count): a resume must match it exactly.
     pack_args = {
         "source": DIGITS if str(source) == DIGITS else str(Path(source).resolve()),
@@ -243,6 +249,8 @@ def pack(
         "shard_bytes": shard_bytes,
         "classes_file_sha256": sha256_file(classes_file) if classes_file else None,
         "val_list": str(Path(val_list).resolve()) if val_list else None,
+        # only when given, so sets packed before --val-labels existed still match their command
+        **({"val_labels_sha256": sha256_file(val_labels)} if val_labels else {}),
     }
     if str(source) != DIGITS and Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve()):
         raise ShardFormatError(f"{out}: is inside SRC {source}, so a later pack would read its shards; put OUT elsewhere")
@@ -253,7 +261,8 @@ def pack(
         total = sum(sum(manifest.split(name).bytes) for name in SPLITS)
         return PackSummary(out, counts, len(manifest.skipped), total, 0.0, 0, already_complete=True)
 
-    collection = load_source(source, str(classes_file) if classes_file else None, str(val_list) if val_list else None)
+    collection = load_source(source, str(classes_file) if classes_file else None, str(val_list) if val_list else None,
+                             str(val_labels) if val_labels else None, progress)
     if labels_file is not None:
         read_labels_file(labels_file, collection.classes)  # its errors show before the long check
     items = collection.train + (collection.val or [])

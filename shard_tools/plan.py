@@ -147,7 +147,8 @@ def make_plan(collection: Collection, scans: list[tuple], pack_args: dict, *, la
     if collection.val is not None:
         if pack_args["val_fraction"] is not None:
             raise ShardFormatError(f"{collection.description}: has its own val part; drop --val-fraction")
-        val_split = {"method": "folder" if collection.description.startswith("tree") else "list"}
+        method = collection.val_method or ("folder" if collection.description.startswith("tree") else "list")
+        val_split = {"method": method}
     else:
         fraction = pack_args["val_fraction"]
         fraction = collection.default_val_fraction if fraction is None else float(fraction)

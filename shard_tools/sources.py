@@ -28,7 +28,7 @@ class Item:
     key: str
     label: int
     origin: str  # path as the user knows it (relative to SRC or the list), or "digits/<n>"
-    path: str | None = None  # file to read; None when `data` holds the bytes
+    path: str | tuple | None = None  # file to read (or an archives.ArchiveMember); None when `data` holds the bytes
     data: bytes | None = None
 
 
@@ -40,6 +40,7 @@ class Collection:
     val: list[Item] | None  # None: the source has no val part; pack holds one out by fraction
     default_val_fraction: float
     skipped: list[dict] = field(default_factory=list)
+    val_method: str = ""  # how the val part was found ("folder", "list", "archive"); "" = as the source's kind
 
 
 def key_for(origin: str) -> str:
@@ -159,7 +160,7 @@ def _list_items(list_path: Path, entries, classes: list[str], prefix: str = "") 
     return items
 
 
-def _load_list(list_path: Path, classes_file: str | None, val_list: str | None) -> Collection:
+def _load_list(list_path: Path, classes_file: str | None) -> Collection:
     fixed = read_classes_file(classes_file) if classes_file else None
     entries = _read_list(list_path, fixed, classes_file)
     classes = fixed or sorted({name for _, name, _ in entries})
@@ -168,14 +169,7 @@ def _load_list(list_path: Path, classes_file: str | None, val_list: str | None) 
     if missing:
         raise ShardFormatError(f"{list_path}: class {missing[0]!r} has no image in the list; add some")
     train = _list_items(list_path, entries, classes)
-    val = None
-    if val_list:
-        val_path = Path(val_list)
-        if not val_path.is_file():
-            raise ShardFormatError(f"{val_path}: no such val list; check --val-list")
-        val_entries = _read_list(val_path, classes, classes_file or str(list_path))
-        val = _list_items(val_path, val_entries, classes, prefix="val/")
-    return Collection(f"list {list_path}", classes, train, val, 0.1)
+    return Collection(f"list {list_path}", classes, train, None, 0.1)
 
 
 def digits_jpegs(quality: int = 95) -> tuple[list[bytes], list[int]]:
@@ -204,21 +198,30 @@ def _load_digits() -> Collection:
     return Collection("scikit-learn digits", [str(d) for d in range(10)], items, None, 0.3)
 
 
-def load_source(source: str | Path, classes_file: str | None = None, val_list: str | None = None) -> Collection:
-    """Find every image of `source` (a folder tree, a list file or "digits") and its class."""
+def load_source(source: str | Path, classes_file: str | None = None, val_list: str | None = None,
+                val_labels: str | None = None, progress: bool = False) -> Collection:
+    """Find every image of `source` (a folder tree, a list file, an archive or "digits") and its class.
+
+    `val_list` is the val source (`--val`: a tree, a list, or a flat archive or folder with `val_labels`).
+    """
     if str(source) == DIGITS:
-        if classes_file or val_list:
-            raise ShardFormatError("digits: --classes and --val-list apply only to folder trees and file lists")
+        if classes_file or val_list or val_labels:
+            raise ShardFormatError("digits: --classes and --val apply only to folder trees, file lists and archives")
         return _load_digits()
+    from shard_tools import archives  # here, not at the top: archives builds on this module
+
     path = Path(source)
-    if path.is_dir():
-        if val_list:
-            raise ShardFormatError(f"{path}: --val-list applies only to a file list; put val images in {path}/val")
+    if path.is_file() and archives.is_archive(path):
+        collection = archives.load_archive(path, classes_file, progress)
+    elif path.is_dir():
         collection = _load_tree(path, classes_file)
     elif path.is_file():
-        collection = _load_list(path, classes_file, val_list)
+        collection = _load_list(path, classes_file)
     else:
-        raise ShardFormatError(f"{path}: no such folder or file list; give an image tree, a list file or 'digits'")
+        raise ShardFormatError(f"{path}: no such folder or file list; give an image tree, a list file, an archive "
+                              "or 'digits'")
+    if val_list or val_labels:
+        archives.attach_val(collection, val_list, val_labels, classes_file)
     unique = _assign_unique_keys(collection.train + (collection.val or []))
     collection.train, rest = unique[: len(collection.train)], unique[len(collection.train) :]
     collection.val = rest if collection.val is not None else None
