@@ -326,3 +326,28 @@ def test_a_forked_worker_builds_its_own_client(s3_env: str):
     reused_parent_client, data = queue.get(timeout=60)
     child.join(timeout=30)
     assert data == b"abcd" and not reused_parent_client
+
+
+def test_dali_reads_a_pushed_set_through_aws_endpoint_url(s3_env: str, digits_set: Path):
+    """DALI 2.4's readers.webdataset takes s3:// shard and index paths and finds the store by AWS_ENDPOINT_URL."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    url = f"{s3_env}/dali"
+    push_module.push(digits_set, url, workers=2, progress=False)
+    shard = read_manifest(digits_set).split("val").shards[0]
+
+    def first_batch(base: str) -> list[tuple[bytes, int]]:
+        @pipeline_def(batch_size=8, num_threads=1, device_id=None, prefetch_queue_depth=1)
+        def reader():
+            images, labels = fn.readers.webdataset(
+                paths=[f"{base}/{shard}"], index_paths=[f"{base}/{index_name(shard)}"], ext=["jpg", "lbl"],
+                dtypes=[types.UINT8, types.INT32], missing_component_behavior="error",
+            )
+            return images, labels
+
+        pipe = reader()
+        pipe.build()
+        images, labels = pipe.run()
+        return [(images.at(i).tobytes(), int(labels.at(i)[0])) for i in range(8)]
+
+    assert first_batch(url) == first_batch(str(digits_set))
