@@ -93,7 +93,10 @@ def _build_client() -> tuple[object, int]:
     from botocore.config import Config
 
     core = botocore.session.get_session()  # reads AWS_PROFILE, the config files and AWS_* variables
-    attempts = int(core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS)
+    try:
+        attempts = int(core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS)
+    except ValueError:
+        raise ShardFormatError("AWS_MAX_ATTEMPTS (or the profile's max_attempts) is not a whole number; fix it") from None
     mode = "adaptive" if core.get_config_variable("retry_mode") == "adaptive" else "standard"
     config = Config(
         retries={"mode": mode, "total_max_attempts": attempts},
