@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_label_options(resplit)
     resplit.add_argument("--shard-size", type=int, metavar="N", help="images per shard (default: as OUT)")
     resplit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    push = commands.add_parser("push", help="upload a finished shard set to s3://bucket/prefix, manifest last")
+    push.add_argument("out", metavar="SET", help="the local shard set folder")
+    push.add_argument("url", metavar="URL", help="s3://bucket/prefix (endpoint and credentials: AWS_* environment)")
+    push.add_argument("--workers", type=int, default=8, metavar="N", help="parallel uploads (default 8)")
+    push.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -86,6 +92,11 @@ def _run(args: argparse.Namespace) -> int:
         from shard_tools.info import describe
 
         print(describe(args.out))
+        return 0
+    if args.command == "push":
+        from shard_tools.push import push
+
+        print(push(args.out, args.url, workers=args.workers, progress=not args.quiet).line())
         return 0
     from shard_tools.resplit import resplit
 

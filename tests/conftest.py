@@ -55,3 +55,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     process; the suite runs both, so it keeps the forking torch-backend tests before the DALI ones.
     """
     items.sort(key=_runs_dali)  # stable: the order within each group is kept
+
+
+# Object storage (issue 12): a real S3 server (moto, in a subprocess) and its fixtures, from
+# tests/s3_server.py, loaded by path so it works whatever sys.path the run has.
+def _load_s3_server_fixtures():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("mt_scale_test_s3_server", Path(__file__).with_name("s3_server.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_s3_server_module = _load_s3_server_fixtures()
+s3_server, s3_env, start_s3_server = (
+    _s3_server_module.s3_server, _s3_server_module.s3_env, _s3_server_module.start_s3_server
+)

@@ -1,0 +1,163 @@
+"""A real S3 server for tests: moto's server in its own process on a free 127.0.0.1 port.
+
+Nothing is mocked in the test process: the code under test talks HTTP to this server, found through
+AWS_ENDPOINT_URL as a user's store would be. tests/conftest.py exposes the fixtures below:
+
+- `s3_server` (session): the running server; `.requests()` is its request log (method, path) in the
+  order the server answered, `.enforce_auth()` turns on moto's IAM checks for a `with` block.
+- `s3_env` (function): the AWS environment pointed at the server (dummy credentials, no config
+  files, no instance metadata) and a fresh bucket; returns `s3://<bucket>`.
+- `start_s3_server` (function): starts a private server a test may stop (server-gone cases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY_ID = "testing-key-id"
+SECRET_ACCESS_KEY = "testing-secret-do-not-print"
+REGION = "us-east-1"
+_LOG_LINE = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+"')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MotoServer:
+    """`python -m moto.server` in a subprocess; started by `start()`, ended by `stop()`."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> MotoServer:
+        for _ in range(5):  # another process may take the free port between probe and bind: try another
+            self.port = _free_port()
+            environment = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+            environment.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                    stdout=log, stderr=subprocess.STDOUT, env=environment,
+                )
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.process.poll() is None:
+                with contextlib.suppress(OSError):
+                    urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=2).read()
+                    return self
+                time.sleep(0.1)
+            self.stop()
+        raise RuntimeError(f"moto server did not start; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def _post(self, path: str, body: bytes) -> None:
+        request = urllib.request.Request(f"{self.endpoint}{path}", data=body, method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=10).read()
+
+    @contextlib.contextmanager
+    def enforce_auth(self) -> Iterator[None]:
+        """moto's IAM authentication and authorisation on (unknown keys refused, policies applied)."""
+        self._post("/moto-api/reset-auth", b"0")
+        try:
+            yield
+        finally:
+            self._post("/moto-api/reset-auth", b"inf")
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of every request the server has answered, in order."""
+        text = _ANSI.sub("", self.log_path.read_text(errors="replace"))
+        return _LOG_LINE.findall(text)
+
+    def environ(self) -> dict[str, str]:
+        """AWS variables that point a client at this server with dummy credentials and nothing else."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",  # no credential lookups that wait on 169.254.169.254
+            "AWS_CONFIG_FILE": os.devnull,  # the developer's ~/.aws must not leak in
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+
+
+def apply_environ(monkeypatch: pytest.MonkeyPatch, server: MotoServer) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name, value in server.environ().items():
+        monkeypatch.setenv(name, value)
+
+
+def create_bucket(server: MotoServer, name: str | None = None) -> str:
+    import boto3
+
+    name = name or f"mt-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=ACCESS_KEY_ID,
+                 aws_secret_access_key=SECRET_ACCESS_KEY, region_name=REGION).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "server.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The AWS environment pointed at the session's server, and a fresh bucket: returns s3://bucket."""
+    apply_environ(monkeypatch, s3_server)
+    return f"s3://{create_bucket(s3_server)}"
+
+
+@pytest.fixture
+def start_s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], MotoServer]]:
+    """Start a private server (environment pointed at it); every one started is stopped after the test."""
+    started: list[MotoServer] = []
+
+    def start() -> MotoServer:
+        server = MotoServer(tmp_path / f"moto-{len(started)}.log").start()
+        started.append(server)
+        apply_environ(monkeypatch, server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

@@ -1,0 +1,353 @@
+"""Shard sets in object storage, against a real S3 server (moto in a subprocess, over HTTP).
+
+push uploads every file with the manifest last and resumes after a kill; reads give the local
+bytes; each failure (missing bucket or key, refused or missing credentials, access denied, server
+gone before or during a read) is one line naming the URL and the fix, within bounded time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shard_tools import push as push_module
+from shard_tools import s3
+from shard_tools.cli import main
+from shard_tools.files import sha256_file
+from shard_tools.format import MANIFEST_NAME, SPLITS, ShardFormatError, index_name, parse_index, read_manifest
+from shard_tools.pack import pack
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def digits_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("s3_digits") / "shards"
+    pack("digits", out, labels_per_class=5, seed=0, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits set in 16-image shards: a push of ~230 objects, long enough to be killed midway."""
+    out = tmp_path_factory.mktemp("s3_many") / "shards"
+    pack("digits", out, labels_per_class=5, seed=0, workers=1, progress=False, shard_size=16)
+    return out
+
+
+def _set_names(shard_dir: Path) -> set[str]:
+    return {path.name for path in shard_dir.iterdir() if not path.name.startswith(".")}
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"mt-shard {argv[0]}: error: "), err
+    return err
+
+
+def test_parse_url():
+    assert s3.parse_url("s3://bucket/prefix/name.tar") == ("bucket", "prefix/name.tar")
+    assert s3.parse_url("s3://bucket") == ("bucket", "")
+    assert s3.is_s3("s3://b/x") and not s3.is_s3("/data/x") and not s3.is_s3(Path("s3:/b"))
+    assert s3.join("s3://b/set/", "manifest.json") == "s3://b/set/manifest.json"
+    for bad in ("s3:///key", "s3://bu cket/x", "/local/path"):
+        with pytest.raises(ShardFormatError, match="s3://bucket/prefix"):
+            s3.parse_url(bad)
+
+
+def test_push_uploads_every_file_manifest_last(s3_server, s3_env: str, digits_set: Path, capsys):
+    url = f"{s3_env}/digits"
+    assert main(["push", str(digits_set), url, "--workers", "4", "--quiet"]) == 0
+    line = capsys.readouterr().out.strip()
+    files = _set_names(digits_set)
+    assert f"{len(files)} objects uploaded" in line and "0 already there skipped" in line, line
+    assert set(s3.list_names(url)) == files
+
+    # The server's own log: the manifest's PUT comes after every other object's PUT has completed.
+    prefix = url[len("s3:/") :] + "/"
+    puts = [path[len(prefix) :] for method, path in s3_server.requests() if method == "PUT" and path.startswith(prefix)]
+    assert sorted(puts) == sorted(files) and puts[-1] == MANIFEST_NAME, puts
+
+    manifest = read_manifest(digits_set)
+    for split in SPLITS:
+        info = manifest.split(split)
+        for shard, digest, size in zip(info.shards, info.sha256, info.bytes, strict=True):
+            assert s3.object_info(s3.join(url, shard)) == s3.ObjectInfo(size, digest)
+    assert s3.read_bytes(s3.join(url, MANIFEST_NAME)) == (digits_set / MANIFEST_NAME).read_bytes()
+
+    # Everything there: a second push uploads nothing.
+    summary = push_module.push(digits_set, url, workers=2, progress=False)
+    assert (summary.uploaded, summary.skipped) == (0, len(files)) and "nothing uploaded" in summary.line()
+
+
+def test_reads_give_the_local_bytes(s3_env: str, digits_set: Path):
+    url = f"{s3_env}/digits"
+    push_module.push(digits_set, url, workers=4, progress=False)
+    manifest = read_manifest(digits_set)
+    shard = manifest.split("val").shards[0]
+    local = (digits_set / shard).read_bytes()
+    samples = parse_index((digits_set / index_name(shard)).read_text())
+    # One member, and a span of several samples, exactly as the index locates them.
+    offset, size = samples[3][1]["jpg"]
+    assert s3.read_range(s3.join(url, shard), offset, size) == local[offset : offset + size]
+    start, end = samples[10][1]["jpg"][0], samples[20][1]["lbl"][0] + samples[20][1]["lbl"][1]
+    assert s3.read_range(s3.join(url, shard), start, end - start) == local[start:end]
+    assert s3.read_range(s3.join(url, shard), 0, 0) == b""
+    assert s3.read_bytes(s3.join(url, index_name(shard))) == (digits_set / index_name(shard)).read_bytes()
+    digest = hashlib.sha256()
+    chunks = 0
+    for block in s3.stream(s3.join(url, shard), chunk=1 << 16):
+        digest.update(block)
+        chunks += 1
+    assert digest.hexdigest() == manifest.split("val").sha256[0] and chunks > 1
+    assert s3.exists(s3.join(url, shard)) and not s3.exists(s3.join(url, "val-999999.tar"))
+    with pytest.raises(ShardFormatError, match="past the object's end") as error:
+        s3.read_range(s3.join(url, shard), len(local) + 10, 5)
+    assert shard in _one_line(error)
+
+
+def test_push_interrupted_by_a_failure_resumes(s3_env: str, digits_set: Path, monkeypatch):
+    url = f"{s3_env}/interrupted"
+    real_upload = s3.upload_file
+    done: list[str] = []
+
+    def upload_then_fail(path, target, **kwargs):
+        if len(done) == 3:
+            raise ShardFormatError(f"{target}: injected failure")
+        real_upload(path, target, **kwargs)
+        done.append(target)
+
+    monkeypatch.setattr(push_module.s3, "upload_file", upload_then_fail)
+    with pytest.raises(ShardFormatError, match="injected failure"):
+        push_module.push(digits_set, url, workers=1, progress=False)
+    assert len(s3.list_names(url)) == 3 and MANIFEST_NAME not in s3.list_names(url)  # a reader sees no set
+
+    monkeypatch.setattr(push_module.s3, "upload_file", real_upload)
+    summary = push_module.push(digits_set, url, workers=2, progress=False)
+    files = _set_names(digits_set)
+    assert (summary.skipped, summary.uploaded) == (3, len(files) - 3), summary.line()
+    assert "3 already there skipped" in summary.line()
+    assert set(s3.list_names(url)) == files
+
+
+def test_killed_push_resumes_and_skips_what_was_uploaded(s3_env: str, many_shards: Path):
+    url = f"{s3_env}/killed"
+    command = [sys.executable, "-m", "shard_tools.cli", "push", str(many_shards), url, "--workers", "1", "--quiet"]
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(s3.list_names(url)) < 8 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the push finished before it could be killed"
+    time.sleep(0.5)  # a PUT the server was still storing lands now
+    present = s3.list_names(url)
+    assert MANIFEST_NAME not in present and len(present) >= 8
+
+    summary = push_module.push(many_shards, url, workers=4, progress=False)
+    files = _set_names(many_shards)
+    assert summary.skipped == len(present) and summary.uploaded == len(files) - len(present), summary.line()
+    assert set(s3.list_names(url)) == files
+
+
+def test_push_replaces_a_damaged_object(s3_env: str, digits_set: Path):
+    url = f"{s3_env}/damaged"
+    push_module.push(digits_set, url, workers=2, progress=False)
+    shard = read_manifest(digits_set).split("val").shards[0]
+    damaged = bytearray((digits_set / shard).read_bytes())
+    damaged[1000] ^= 0xFF  # same size, other bytes, and no sha256 metadata
+    s3.client().put_object(Bucket=s3.parse_url(url)[0], Key=f"damaged/{shard}", Body=bytes(damaged))
+    summary = push_module.push(digits_set, url, workers=2, progress=False)
+    assert summary.uploaded == 1 and s3.object_info(s3.join(url, shard)).sha256 == sha256_file(digits_set / shard)
+    assert s3.read_bytes(s3.join(url, shard)) == (digits_set / shard).read_bytes()
+
+
+def test_push_refuses_what_is_not_a_complete_set(s3_env: str, digits_set: Path, tmp_path: Path, capsys):
+    import shutil
+
+    no_manifest = tmp_path / "half"
+    shutil.copytree(digits_set, no_manifest)
+    (no_manifest / MANIFEST_NAME).unlink()
+    line = _cli_error(capsys, ["push", str(no_manifest), f"{s3_env}/x", "--quiet"])
+    assert "manifest.json: missing" in line
+
+    no_shard = tmp_path / "no_shard"
+    shutil.copytree(digits_set, no_shard)
+    shard = read_manifest(no_shard).split("val").shards[0]
+    (no_shard / shard).unlink()
+    line = _cli_error(capsys, ["push", str(no_shard), f"{s3_env}/x", "--quiet"])
+    assert f"{shard}: missing" in line and "not a complete set" in line
+    assert s3.list_names(f"{s3_env}/x") == []
+
+    line = _cli_error(capsys, ["push", str(digits_set), "/not/s3", "--quiet"])
+    assert "not an s3:// URL" in line
+
+
+def test_push_refuses_a_prefix_holding_another_set(s3_env: str, digits_set: Path, many_shards: Path, capsys):
+    url = f"{s3_env}/taken"
+    push_module.push(digits_set, url, workers=2, progress=False)
+    line = _cli_error(capsys, ["push", str(many_shards), url, "--quiet"])
+    assert "already holds another shard set" in line and "new prefix" in line
+
+
+def test_missing_bucket_and_key_are_one_line(s3_env: str, digits_set: Path, capsys):
+    missing_bucket = "s3://no-such-bucket-mt/set"
+    for call in (lambda: s3.read_bytes(f"{missing_bucket}/manifest.json"),
+                 lambda: s3.exists(f"{missing_bucket}/manifest.json"),
+                 lambda: s3.list_names(missing_bucket)):
+        with pytest.raises(ShardFormatError) as error:
+            call()
+        line = _one_line(error)
+        assert line.startswith(missing_bucket) and "no bucket 'no-such-bucket-mt'" in line
+        assert "check the bucket name" in line
+    line = _cli_error(capsys, ["push", str(digits_set), missing_bucket, "--quiet"])
+    assert "no bucket 'no-such-bucket-mt'" in line
+
+    with pytest.raises(ShardFormatError) as error:
+        s3.read_range(f"{s3_env}/set/val-000000.tar", 0, 10)
+    line = _one_line(error)
+    assert line.startswith(f"{s3_env}/set/val-000000.tar: no such object") and "mt-shard push" in line
+
+
+def test_refused_credentials_and_access_denied_are_one_line(s3_server, s3_env: str, monkeypatch):
+    import boto3
+
+    url = f"{s3_env}/object.bin"
+    s3.client().put_object(Bucket=s3.parse_url(s3_env)[0], Key="object.bin", Body=b"0123456789")
+    iam = boto3.client("iam", endpoint_url=s3_server.endpoint)
+    iam.create_user(UserName="no-rights")
+    key = iam.create_access_key(UserName="no-rights")["AccessKey"]
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    with s3_server.enforce_auth():
+        # The fixture's dummy key is unknown to IAM: refused.
+        with pytest.raises(ShardFormatError) as error:
+            s3.read_range(url, 0, 4)
+        line = _one_line(error)
+        assert line.startswith(url) and "refused the credentials (InvalidAccessKeyId)" in line
+        assert "AWS_ACCESS_KEY_ID" in line and secret not in line
+        # A real user with no policy: denied.
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        for call, permission in ((lambda: s3.read_bytes(url), "s3:GetObject"),
+                                 (lambda: s3.list_names(s3_env), "s3:ListBucket")):
+            with pytest.raises(ShardFormatError) as error:
+                call()
+            line = _one_line(error)
+            assert "access denied" in line and permission in line and "AWS_PROFILE" in line, line
+            assert key["SecretAccessKey"] not in line
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        with pytest.raises(ShardFormatError, match="SignatureDoesNotMatch") as error:
+            s3.read_bytes(url)
+        assert "wrong-secret" not in _one_line(error)
+    # Auth off again: the fixture's credentials read it.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    assert s3.read_range(url, 2, 3) == b"234"
+
+
+def test_no_credentials_is_one_line(s3_env: str, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    started = time.monotonic()
+    with pytest.raises(ShardFormatError) as error:
+        s3.read_bytes(f"{s3_env}/manifest.json")
+    line = _one_line(error)
+    assert "no AWS credentials found" in line and "AWS_PROFILE" in line and time.monotonic() - started < 10
+
+
+def test_unknown_profile_is_one_line(s3_env: str, monkeypatch):
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(ShardFormatError) as error:
+        s3.read_bytes(f"{s3_env}/manifest.json")
+    assert "'no-such-profile'" in _one_line(error) and "AWS_PROFILE" in _one_line(error)
+
+
+def test_server_gone_is_one_line_in_bounded_time(start_s3_server, monkeypatch):
+    server = start_s3_server()
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    bucket = "gone-bucket"
+    s3.client().create_bucket(Bucket=bucket)
+    big = os.urandom(24 << 20)  # more than the socket buffers hold: the read is still going when the server dies
+    s3.client().put_object(Bucket=bucket, Key="big.bin", Body=big)
+    url = f"s3://{bucket}/big.bin"
+    assert s3.read_range(url, 5, 5) == big[5:10]
+
+    # Gone mid-read: the stream resumes with ranged GETs, which fail, then one line.
+    chunks = s3.stream(url, chunk=1 << 16)
+    first = next(chunks)
+    assert first == big[: len(first)]
+    server.stop()
+    started = time.monotonic()
+    with pytest.raises(ShardFormatError) as error:
+        for _ in chunks:
+            pass
+    line = _one_line(error)
+    assert line.startswith(url) and "cannot reach the object store" in line and "after 2 attempts" in line
+    assert "AWS_ENDPOINT_URL" in line and time.monotonic() - started < 30
+
+    # Gone before the read.
+    started = time.monotonic()
+    with pytest.raises(ShardFormatError) as error:
+        s3.read_range(url, 0, 100)
+    assert "cannot reach the object store" in _one_line(error) and time.monotonic() - started < 30
+
+
+def _read_in_child(queue, parent_client, url: str) -> None:
+    queue.put((s3.client() is parent_client, s3.read_range(url, 0, 4)))
+
+
+def test_a_forked_worker_builds_its_own_client(s3_env: str):
+    url = f"{s3_env}/fork.bin"
+    parent_client = s3.client()
+    parent_client.put_object(Bucket=s3.parse_url(s3_env)[0], Key="fork.bin", Body=b"abcdefgh")
+    assert s3.client() is parent_client  # cached within a process
+    context = multiprocessing.get_context("fork")  # as a DataLoader worker starts on Linux
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(queue, parent_client, url))
+    child.start()
+    reused_parent_client, data = queue.get(timeout=60)
+    child.join(timeout=30)
+    assert data == b"abcd" and not reused_parent_client
+
+
+def test_dali_reads_a_pushed_set_through_aws_endpoint_url(s3_env: str, digits_set: Path):
+    """DALI 2.4's readers.webdataset takes s3:// shard and index paths and finds the store by AWS_ENDPOINT_URL."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    url = f"{s3_env}/dali"
+    push_module.push(digits_set, url, workers=2, progress=False)
+    shard = read_manifest(digits_set).split("val").shards[0]
+
+    def first_batch(base: str) -> list[tuple[bytes, int]]:
+        @pipeline_def(batch_size=8, num_threads=1, device_id=None, prefetch_queue_depth=1)
+        def reader():
+            images, labels = fn.readers.webdataset(
+                paths=[f"{base}/{shard}"], index_paths=[f"{base}/{index_name(shard)}"], ext=["jpg", "lbl"],
+                dtypes=[types.UINT8, types.INT32], missing_component_behavior="error",
+            )
+            return images, labels
+
+        pipe = reader()
+        pipe.build()
+        images, labels = pipe.run()
+        return [(images.at(i).tobytes(), int(labels.at(i)[0])) for i in range(8)]
+
+    assert first_batch(url) == first_batch(str(digits_set))
