@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -240,3 +241,17 @@ def hue_matrix(turns: float) -> np.ndarray:
     cos, sin = math.cos(theta), math.sin(theta)
     rotate = np.array([[1.0, 0, 0], [0, cos, sin], [0, -sin, cos]])  # DALI's hsv/color_twist sign
     return _YIQ_INV @ rotate @ _YIQ
+
+
+# ---------------------------------------------------------------- on the training device
+
+
+def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 N,3,H,W (0..255) -> (x/255 - mean)/std in `dtype`, as ONE kernel on the images' device."""
+    device = images.device
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device, dtype=dtype).view(1, 3, 1, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(images.shape, dtype=dtype, device=device, memory_format=fmt)
+    return torch.addcmul(shift, images, scale, out=out)
