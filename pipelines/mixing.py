@@ -14,7 +14,8 @@
   than readers * L samples (a reader's share would not fill one batch), every reader reads all of it,
   in its own order (`reads_whole_split`).
 - Augmentation randomness is fresh on every draw and a pure function of (seed, epoch, rank, worker,
-  stream, position in the worker's stream) (`draw_rng`), so resuming replays exactly.
+  stream, position in the worker's stream) (`draw_rng`), so resuming replays exactly; the sample
+  order of each pass is seeded the same way.
 - Val: the same ranges, in order, no shuffle; every sample is scored once across ranks.
 """
 
@@ -36,9 +37,9 @@ def seed_for(*parts: int | str) -> int:
     return int(np.random.SeedSequence(_words(parts)).generate_state(1)[0] >> 1)
 
 
-def draw_rng(*parts: int | str) -> np.random.Generator:
-    """The generator of one draw, e.g. draw_rng(seed, epoch, rank, worker, stream tag, position)."""
-    return np.random.default_rng(_words(parts))
+def draw_rng(stream: int, position: int) -> np.random.Generator:
+    """The generator of draw `position` of a stream seeded `stream` = seed_for(seed, epoch, rank, worker, tag)."""
+    return np.random.default_rng((stream << 40) | position)
 
 
 def sample_range(total: int, part: int, parts: int) -> range:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.errors import PipelineError
-from pipelines.mixing import draw_rng
+from pipelines.mixing import seed_for
 from shard_tools import storage
 from shard_tools.format import (
     IMAGE_EXT,
@@ -179,7 +179,7 @@ def draws(split: Split, samples: range, seed: Sequence[int | str], shuffle_buffe
 
     held: list[Sample] | None = None
     for pass_number in itertools.count():
-        rng = draw_rng(*seed, pass_number)
+        rng = np.random.default_rng(seed_for(*seed, pass_number))
         if shuffle_buffer and len(samples) <= shuffle_buffer:
             held = held or [sample for piece in pieces for sample in read(*piece)]
             yield from (held[i] for i in rng.permutation(len(held)))

@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipelines.augment import AugmentSpec, colour_matrix, geometry_matrix, sample_colour, sample_geometry
 from pipelines.errors import PipelineError
 from pipelines.loaders import LoaderRequest, TrainLoader, ValLoader
-from pipelines.mixing import batches_per_epoch, draw_rng, reader_range, reads_whole_split, worker_quotas
+from pipelines.mixing import (
+    batches_per_epoch,
+    draw_rng,
+    reader_range,
+    reads_whole_split,
+    seed_for,
+    worker_quotas,
+)
 from pipelines.reading import Sample, Split, draws
 
 # OpenCV decodes to BGR; this column permutation makes a colour matrix read BGR and write RGB
@@ -134,12 +141,12 @@ def _shard_names(split: Split, samples: range) -> str:
 class Draws:
     """One worker's draws from one split: samples in a seeded order, a fresh generator per draw.
 
-    The generator of draw i is draw_rng(*seed, "view", i): a pure function of the position in the
+    The generator of draw i is draw_rng(stream seed, i): a pure function of the position in the
     stream, so a resumed worker that skips i draws without decoding renders draw i exactly as before.
     """
 
     def __init__(self, split: Split, samples: range, seed: tuple, shuffle_buffer: int) -> None:
-        self.split, self.samples, self.seed = split, samples, seed
+        self.split, self.samples, self.stream_seed = split, samples, seed_for(*seed, "view")
         self._stream = draws(split, samples, (*seed, "order"), shuffle_buffer, cycle=True)
         self.position = 0  # draws so far, undecodable ones included
         self.skipped = 0  # undecodable draws so far
@@ -161,7 +168,7 @@ class Draws:
         """Render the next decodable draw into `outs`; (key, label)."""
         while True:
             key, data, label = self._next()
-            if render_views(data, specs, draw_rng(*self.seed, "view", self.position - 1), outs):
+            if render_views(data, specs, draw_rng(self.stream_seed, self.position - 1), outs):
                 self._failures = 0
                 return key, label
             self.skipped += 1

@@ -69,8 +69,8 @@ def test_seed_for_is_stable_and_distinct():
     assert 0 <= seed_for(2**40, -1, "x") < 2**31
 
 
-def test_draw_rng_is_a_pure_function_of_its_parts():
-    assert draw_rng(0, 1, 0, 0, "labeled", 5).random() == draw_rng(0, 1, 0, 0, "labeled", 5).random()
-    draws = {draw_rng(0, 1, 0, 0, "labeled", position).random() for position in range(100)}
-    assert len(draws) == 100
-    assert draw_rng(0, 1, 0, 0, "labeled", 5).random() != draw_rng(0, 1, 0, 0, "unlabeled", 5).random()
+def test_draw_rng_is_a_pure_function_of_stream_and_position():
+    labeled, unlabeled = seed_for(0, 1, 0, 0, "labeled"), seed_for(0, 1, 0, 0, "unlabeled")
+    assert draw_rng(labeled, 5).random() == draw_rng(labeled, 5).random()
+    assert len({draw_rng(labeled, position).random() for position in range(100)}) == 100
+    assert draw_rng(labeled, 5).random() != draw_rng(unlabeled, 5).random()
