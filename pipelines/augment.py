@@ -1,16 +1,7 @@
 """Augmentation specs (one per view) and the parameter sampling + matrix composition every backend uses.
 
-Per view, geometry is ONE affine warp (rotation, random-resized crop, resize, flip and translation
-composed into a 2x3 matrix) and colour is ONE 3x4 matrix (brightness, contrast, saturation, hue),
-both applied to uint8 images. Backends only apply the matrices (OpenCV in the torch backend); the
-DALI graph builds the same matrices from `fn.transforms.*` following the formulas written here.
-
-Conventions: matrices map SOURCE pixel coordinates to OUTPUT pixel coordinates (pixel i sits at
-coordinate i, as cv2.warpAffine and DALI's warp_affine with `inverse_map=False` expect). Colour
-matrices act on RGB values 0..255: out = M[:, :3] @ rgb + M[:, 3]. The colour steps run in the fixed
-order brightness, contrast, saturation, hue (torchvision's ColorJitter picks a random order and clamps
-between steps; the composed matrix clamps once at the end). Contrast blends towards the mean grey of
-the view, as torchvision does.
+Per view, geometry is ONE 2x3 affine matrix and colour ONE 3x4 matrix, both applied to uint8 images;
+backends only apply them (OpenCV in the torch backend; the DALI graph builds the same matrices).
 """
 
 from __future__ import annotations
@@ -105,6 +96,9 @@ def get_spec(name: str, default_size: tuple[int, int] | None = None) -> AugmentS
 
 
 # ---------------------------------------------------------------- geometry
+# Matrices map SOURCE pixel coordinates to OUTPUT pixel coordinates (pixel i sits at coordinate i, as
+# cv2.warpAffine and DALI's warp_affine with inverse_map=False expect): rotation, random-resized crop,
+# resize, flip and translation composed into one warp.
 
 
 def sample_crop_box(
@@ -197,6 +191,10 @@ def _translate(dx: float, dy: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- colour
+# Colour matrices act on RGB values 0..255: out = M[:, :3] @ rgb + M[:, 3]. The steps run in the fixed
+# order brightness, contrast, saturation, hue (torchvision's ColorJitter picks a random order and clamps
+# between steps; the composed matrix clamps once at the end). Contrast blends towards the view's mean
+# grey, as torchvision does.
 
 
 @dataclass(frozen=True)

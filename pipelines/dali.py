@@ -1,13 +1,7 @@
 """The DALI backend: readers.webdataset + one decode + two composed-warp views, on the GPU when present.
 
-The graph mirrors pipelines.augment (per view one warp_affine, colour as brightness/contrast then
-fn.hsv), with no Python callbacks; `device_id=None` runs it on the CPU (correctness only). One reader
-per rank reads the rank's range of each split (pipelines.mixing's rule, which is DALI's own sharding).
-By design: random draws come from DALI's generators; reflect padding repeats the border pixel; an
-undecodable image is refused up front (DALI 2.4's CPU decoder crashes on one) instead of skipped.
-An epoch is the next len(train) batches of the reader's continuous shuffled stream (its shuffle buffer
-spans pass boundaries, so a few samples can repeat across an epoch edge); DALI's own checkpoints
-hold the position, so resume is exact.
+Same graph on the CPU with `device_id=None` (correctness only); no Python callbacks. One reader per
+rank reads the rank's range of each split, pipelines.mixing's rule (which is DALI's own sharding).
 """
 
 from __future__ import annotations
@@ -236,7 +230,12 @@ class _DaliStream:
 
 
 def build_dali_loaders(request: LoaderRequest) -> tuple[TrainLoader, ValLoader]:
-    """The DALI backend behind pipelines.loaders' contract; device_id None = CPU-only graph."""
+    """The DALI backend behind pipelines.loaders' contract; device_id None = CPU-only graph.
+
+    Differences from the torch backend, by design: random draws come from DALI's generators (same
+    distributions); reflect padding repeats the border pixel (warp_affine has no reflection); an
+    undecodable image is refused up front (DALI 2.4's CPU decoder crashes on one) instead of skipped.
+    """
     cfg, rank, world_size, with_keys = request.cfg, request.rank, request.world_size, request.with_keys
     device_id = request.device_id
     if device_id is None and torch.cuda.is_available():
@@ -281,7 +280,11 @@ def build_dali_loaders(request: LoaderRequest) -> tuple[TrainLoader, ValLoader]:
 
 
 class DaliTrainLoader(TrainLoader):
-    """TrainLoader whose position is the DALI readers' own checkpoints (exact resume)."""
+    """TrainLoader over each reader's continuous shuffled stream; an epoch is its next len(self) batches.
+
+    DALI's shuffle buffer spans pass boundaries, so a few samples can repeat across an epoch edge while
+    others wait for the next one. The position is DALI's own pipeline checkpoints (exact resume).
+    """
 
     def __init__(self, labeled: _DaliStream, unlabeled: _DaliStream | None, length: int, world_size: int) -> None:
         super().__init__(self._open_epoch_dali, lambda epoch: [length], length, world_size, 1)
