@@ -11,6 +11,7 @@ import functools
 import math
 import multiprocessing
 import multiprocessing.forkserver
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -327,7 +328,11 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])
+    # a `python -m package.module` main is re-run in every worker: importing it in the server first
+    # leaves the workers only its body to run ("__main__" covers script paths on Pythons that honour it)
+    main_name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    extra = [main_name] if main_name and not main_name.endswith("__main__") else []
+    context.set_forkserver_preload(["__main__", __name__, *extra])
     return context
 
 
