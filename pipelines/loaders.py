@@ -17,7 +17,7 @@ import torch
 from pipelines.augment import AugmentSpec, get_spec
 from pipelines.config import DataConfig
 from pipelines.errors import PipelineError
-from pipelines.mixing import resume_skips, same_topology, sample_range
+from pipelines.mixing import reads_whole_split, resume_skips, same_topology, sample_range
 from pipelines.reading import Split, check_shards, open_set
 from shard_tools.format import TRAIN_LABELED, TRAIN_UNLABELED, VAL
 
@@ -208,8 +208,10 @@ def build_loaders(shard_dir: str | Path, cfg: DataConfig, rank: int = 0, world_s
     if cfg.unlabeled_per_batch and not unlabeled.total:
         raise PipelineError(f"{shard_dir}: the train-unlabeled split is empty; set data.labeled_per_batch = "
                             f"data.batch_size for supervised batches or re-pack with fewer labels")
-    # the indexes of the shards this rank reads (a reader of the labeled split may read all of it)
-    check_shards(labeled, range(labeled.total))
+    # the indexes of the shards this rank reads (the most readers per rank: torch's workers)
+    shared = cfg.unlabeled_per_batch and reads_whole_split(labeled.total, world_size * max(cfg.workers, 1),
+                                                           cfg.labeled_per_batch)
+    check_shards(labeled, range(labeled.total) if shared else sample_range(labeled.total, rank, world_size))
     if cfg.unlabeled_per_batch:
         check_shards(unlabeled, sample_range(unlabeled.total, rank, world_size))
     check_shards(val, sample_range(val.total, rank, world_size))

@@ -62,6 +62,7 @@ EXPECTED_BATCHES = {
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
 def test_ranks_and_workers_read_disjoint_ranges_covering_the_split(layout, world_size, workers):
     cfg = DataConfig(batch_size=3, labeled_per_batch=1, student_aug="none", teacher_aug="none",
                      eval_aug="digits-eval", workers=workers, shuffle_buffer=64, eval_batch_size=128)
