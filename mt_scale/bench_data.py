@@ -9,7 +9,9 @@ process per core, nothing else), which bounds any JPEG pipeline on this CPU.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -62,15 +64,19 @@ def list_images(train_dir: Path) -> list[tuple[Path, int]]:
     return samples
 
 
-def pack_tree(tree: Path, out_dir: Path, workers: int, max_side: int | None = None, shard_size: int = 1000):
+def pack_tree(
+    tree: Path, out_dir: Path, workers: int, max_side: int | None = None, shard_size: int | None = None
+):
     """The product's packer (what `mt-shard pack` runs), quiet, on the benchmark tree.
 
     Every image goes into the set (no val carved out of a tree that has no val/ folder), so the
-    packer, the TarWriter loop and the loaders all handle the same samples.
+    packer, the TarWriter loop and the loaders all handle the same samples. `shard_size` None: the
+    packer's default, as a user packs.
     """
     from shard_tools.pack import pack
 
     has_val = (tree / "train").is_dir() and (tree / "val").is_dir()
+    sizing = {} if shard_size is None else {"shard_size": shard_size}
     return pack(
         tree,
         out_dir,
@@ -78,9 +84,9 @@ def pack_tree(tree: Path, out_dir: Path, workers: int, max_side: int | None = No
         seed=0,
         val_fraction=None if has_val else 0.0,
         max_side=max_side,
-        shard_size=shard_size,
         workers=workers,
         progress=False,
+        **sizing,
     )
 
 
@@ -275,12 +281,13 @@ def bench_pipeline(
     from pipelines.config import DataConfig
 
     workers = workers or usable_cores()
+    load_at_start = machine_load()
     device = _training_device()
     train_dir = training_folder(tree)
     samples = list_images(train_dir)
     shard_dir = work_dir / "pipeline-shards"
     shutil.rmtree(shard_dir, ignore_errors=True)  # --work-dir may hold a set packed from another tree
-    pack_tree(tree, shard_dir, workers)
+    pack_tree(tree, shard_dir, workers)  # the packer's defaults, as a user packs
     cfg = DataConfig(
         batch_size=batch_size,
         labeled_per_batch=labeled_per_batch,
@@ -334,9 +341,22 @@ def bench_pipeline(
     finally:
         pool.terminate()
         pool.join()
+    load = {"load_1min_start": load_at_start, "load_1min_end": os.getloadavg()[0]}
     return [
         figure(
-            name, "img/s", rates[name], images_per_epoch=counts[name], source_images=len(samples), **detail
+            name, "img/s", rates[name], images_per_epoch=counts[name], source_images=len(samples), **detail, **load
         )
         for name, _, detail in contenders
     ]
+
+
+def machine_load() -> float:
+    """The 1-minute load average now, with a loud stderr warning when over half the usable cores are busy."""
+    load, cores = os.getloadavg()[0], usable_cores()
+    if load > cores / 2:
+        print(
+            f"mt-bench pipeline: WARNING: the 1-minute load average is {load:.2f} on {cores} cores: this machine "
+            "is busy, so the figures will be low and noisy; rerun on a quiet machine",
+            file=sys.stderr,
+        )
+    return load

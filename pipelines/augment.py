@@ -1,16 +1,7 @@
 """Augmentation specs (one per view) and the parameter sampling + matrix composition every backend uses.
 
-Per view, geometry is ONE affine warp (rotation, random-resized crop, resize, flip and translation
-composed into a 2x3 matrix) and colour is ONE 3x4 matrix (brightness, contrast, saturation, hue),
-both applied to uint8 images. Backends only apply the matrices (OpenCV in the torch backend); the
-DALI graph builds the same matrices from `fn.transforms.*` following the formulas written here.
-
-Conventions: matrices map SOURCE pixel coordinates to OUTPUT pixel coordinates (pixel i sits at
-coordinate i, as cv2.warpAffine and DALI's warp_affine with `inverse_map=False` expect). Colour
-matrices act on RGB values 0..255: out = M[:, :3] @ rgb + M[:, 3]. The colour steps run in the fixed
-order brightness, contrast, saturation, hue (torchvision's ColorJitter picks a random order and clamps
-between steps; the composed matrix clamps once at the end). Contrast blends towards the mean grey of
-the view, as torchvision does.
+Per view, geometry is ONE 2x3 affine matrix and colour ONE 3x4 matrix, both applied to uint8 images;
+backends only apply them (OpenCV in the torch backend; the DALI graph builds the same matrices).
 """
 
 from __future__ import annotations
@@ -19,6 +10,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -104,6 +96,9 @@ def get_spec(name: str, default_size: tuple[int, int] | None = None) -> AugmentS
 
 
 # ---------------------------------------------------------------- geometry
+# Matrices map SOURCE pixel coordinates to OUTPUT pixel coordinates (pixel i sits at coordinate i, as
+# cv2.warpAffine and DALI's warp_affine with inverse_map=False expect): rotation, random-resized crop,
+# resize, flip and translation composed into one warp.
 
 
 def sample_crop_box(
@@ -196,6 +191,10 @@ def _translate(dx: float, dy: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- colour
+# Colour matrices act on RGB values 0..255: out = M[:, :3] @ rgb + M[:, 3]. The steps run in the fixed
+# order brightness, contrast, saturation, hue (torchvision's ColorJitter picks a random order and clamps
+# between steps; the composed matrix clamps once at the end). Contrast blends towards the view's mean
+# grey, as torchvision does.
 
 
 @dataclass(frozen=True)
@@ -240,3 +239,17 @@ def hue_matrix(turns: float) -> np.ndarray:
     cos, sin = math.cos(theta), math.sin(theta)
     rotate = np.array([[1.0, 0, 0], [0, cos, sin], [0, -sin, cos]])  # DALI's hsv/color_twist sign
     return _YIQ_INV @ rotate @ _YIQ
+
+
+# ---------------------------------------------------------------- on the training device
+
+
+def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 N,3,H,W (0..255) -> (x/255 - mean)/std in `dtype`, as ONE kernel on the images' device."""
+    device = images.device
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device, dtype=dtype).view(1, 3, 1, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(images.shape, dtype=dtype, device=device, memory_format=fmt)
+    return torch.addcmul(shift, images, scale, out=out)

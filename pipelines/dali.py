@@ -1,25 +1,7 @@
 """The DALI backend: readers.webdataset + one decode + two composed-warp views, on the GPU when present.
 
-The graph mirrors pipelines.augment: per view one `fn.warp_affine` whose matrix is composed from
-`fn.transforms.*` (rotation about the centre, the crop box mapped onto the output, flip, shift;
-source -> output in DALI's pixel-edge coordinates), then colour as a brightness/contrast expression
-about the view's mean grey followed by `fn.hsv` (hue + saturation; DALI applies it as a matrix).
-No Python callbacks. `device_id=None` runs the same graph on the CPU (slow: see the package doc).
-
-Differences from the torch backend, by design: random draws come from DALI's generators (same
-distributions, different values); reflect padding (CIFAR translation) repeats the border pixel
-instead, as warp_affine offers no reflection; an image that does not decode raises PipelineError
-(no counted skip without a callback): DALI 2.4's CPU decoder crashes on undecodable images, so
-shards are checked for truncated or overwritten JPEGs before any pipeline runs.
-
-Epochs: each reader reads its rank's contiguous share of a split's samples (DALI shards by sample;
-`stick_to_shard`; shares differ by at most one sample) as one continuous shuffled stream, and an
-epoch is the next `len(train)` = min over ranks of floor(share / U) batches of it. DALI's shuffle
-buffer mixes only within `initial_fill` samples and spans pass boundaries, so an epoch can repeat a
-few samples that straddle a boundary (about 1% per epoch on the digits set) while others wait for the
-next epoch; the packer's global shuffle provides the order (see DESIGN.md). Val reads padded whole
-passes in order; padding rows are marked invalid. The position is saved with DALI's own pipeline
-checkpoints, so a resumed run continues the exact reader and random state.
+Same graph on the CPU with `device_id=None` (correctness only); no Python callbacks. One reader per
+rank reads the rank's range of each split, pipelines.mixing's rule (which is DALI's own sharding).
 """
 
 from __future__ import annotations
@@ -27,56 +9,43 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from pipelines.augment import AugmentSpec
 from pipelines.config import DataConfig
 from pipelines.errors import PipelineError
-from pipelines.loaders import TrainLoader, ValLoader
-from pipelines.mixing import compose_batch, seed_for
+from pipelines.loaders import LoaderRequest, TrainLoader, ValLoader
+from pipelines.mixing import batches_per_epoch, compose_batch, reads_whole_split, sample_range, seed_for
+from pipelines.reading import Split, shard_index
+from shard_tools import storage
 from shard_tools.format import IMAGE_EXT, LABEL_EXT, index_name
 
 
-def check_jpeg_members(shards: list[str]) -> int:
-    """Check every .jpg member starts with a JPEG SOI marker and ends with EOI, using the DALI index.
+def check_jpeg_members(split: Split) -> int:
+    """Check every image of `split` starts with a JPEG SOI marker and ends with EOI (two small reads each).
 
-    DALI 2.4's CPU decoder crashes the process (SIGSEGV) on an undecodable image in a batch, so the
-    DALI backend refuses damaged shards up front: two small reads per image, no decoding. Damage
-    inside an otherwise well-formed JPEG is not caught here; `mt-shard verify` (sha256) catches any
-    change after packing. Returns the number of images checked.
+    DALI 2.4's CPU decoder crashes the process (SIGSEGV) on an undecodable image, so the DALI backend
+    refuses damaged shards up front. Damage inside a well-formed JPEG is not caught here; `mt-shard
+    verify` (sha256) catches any change after packing. Returns the number of images checked.
     """
     checked = 0
-    for shard in shards:
-        index = index_name(shard)
+    for number, shard in enumerate(split.shards):
+        index = shard_index(split, number)
+        ranges = []
+        for offset, size, _ in index.table.tolist():
+            ranges += [(offset, 3), (offset + max(size - 32, 0), min(size, 32))]
         try:
-            lines = Path(index).read_text().split("\n")[1:]
-            members = [line.split() for line in lines if line.strip()]
-            with open(shard, "rb") as handle:
-                for fields in members:
-                    for ext, offset, size, name in zip(*[iter(fields)] * 4, strict=True):
-                        if ext != IMAGE_EXT:
-                            continue
-                        offset, size = int(offset), int(size)
-                        handle.seek(offset)
-                        head = handle.read(3)
-                        handle.seek(offset + max(size - 32, 0))
-                        tail = handle.read(min(size, 32))
-                        if head != b"\xff\xd8\xff" or b"\xff\xd9" not in tail:
-                            raise PipelineError(
-                                f"{shard}: member {name} is not a complete JPEG; re-pack this shard (check the set "
-                                "with `mt-shard verify`) or use backend=torch, which skips undecodable images")
-                        checked += 1
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{index}: unreadable DALI index ({exc}); rebuild it with `wds2idx {shard} {index}` "
-                                "or re-pack the set") from None
+            spans = storage.read_ranges(shard, ranges)
+        except OSError as exc:
+            raise PipelineError(f"{shard}: unreadable ({exc}); check the set with `mt-shard verify`") from None
+        for row, key in enumerate(index.keys):
+            if spans[2 * row] != b"\xff\xd8\xff" or b"\xff\xd9" not in spans[2 * row + 1]:
+                raise PipelineError(
+                    f"{shard}: member {key}.{IMAGE_EXT} is not a complete JPEG; re-pack this shard (check the set "
+                    "with `mt-shard verify`) or use backend=torch, which skips undecodable images")
+        checked += len(index.keys)
     return checked
-
-
-def dali_shard_sizes(total: int, world_size: int) -> list[int]:
-    """Samples each rank's DALI reader holds (DALI splits [r*n/W, (r+1)*n/W))."""
-    return [(r + 1) * total // world_size - r * total // world_size for r in range(world_size)]
 
 
 def _scalar_xy(x, y):
@@ -213,13 +182,13 @@ def _run(pipe, shards: list[str]):
 class _DaliStream:
     """One split's pipeline for this rank (train: a continuous shuffled stream; val: padded whole passes)."""
 
-    def __init__(self, split, specs, batch, cfg: DataConfig, rank, world_size, share, tag, device_id,
+    def __init__(self, split: Split, specs, batch, cfg: DataConfig, rank, world_size, share, tag, device_id,
                  shuffle: bool = True, with_keys: bool = False):
-        self.shards, counts = split
-        total = sum(counts)
-        self.sharded = not (share and total < world_size * batch)
+        self.shards = list(split.shards)
+        # a reader's share that would not fill one batch: every rank reads the whole split (mixing's rule)
+        self.sharded = not (share and reads_whole_split(split.total, world_size, batch))
         self.shard_id, self.num_shards = (rank, world_size) if self.sharded else (0, 1)
-        self.samples = dali_shard_sizes(total, self.num_shards)[self.shard_id]
+        self.samples = len(sample_range(split.total, self.shard_id, self.num_shards))
         self.specs, self.batch, self.cfg = specs, batch, cfg
         self.seed, self.device_id = seed_for(cfg.seed, rank, tag), device_id
         self.shuffle_buffer = cfg.shuffle_buffer if shuffle else 0
@@ -260,26 +229,34 @@ class _DaliStream:
         return base64.b64encode(self.pipe.checkpoint()).decode("ascii") if self.pipe is not None else ""
 
 
-def build_dali(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec, teacher: AugmentSpec,
-               eval_spec: AugmentSpec, rank: int, world_size: int, device_id: int | None, with_keys: bool = False):
-    """TrainLoader and ValLoader over DALI pipelines; device_id None = CPU-only graph."""
+def build_dali_loaders(request: LoaderRequest) -> tuple[TrainLoader, ValLoader]:
+    """The DALI backend behind pipelines.loaders' contract; device_id None = CPU-only graph.
+
+    Differences from the torch backend, by design: random draws come from DALI's generators (same
+    distributions); reflect padding repeats the border pixel (warp_affine has no reflection); an
+    undecodable image is refused up front (DALI 2.4's CPU decoder crashes on one) instead of skipped.
+    """
+    cfg, rank, world_size, with_keys = request.cfg, request.rank, request.world_size, request.with_keys
+    device_id = request.device_id
     if device_id is None and torch.cuda.is_available():
         device_id = torch.cuda.current_device()
-    check_jpeg_members(labeled[0] + unlabeled[0] + val[0])
     labeled_rows, unlabeled_rows = cfg.labeled_per_batch, cfg.unlabeled_per_batch
-    lab = _DaliStream(labeled, (student, teacher), labeled_rows, cfg, rank, world_size, unlabeled_rows > 0,
+    for split in (request.labeled, request.unlabeled, request.val):
+        if split is not request.unlabeled or unlabeled_rows:
+            check_jpeg_members(split)
+    views = (request.student, request.teacher)
+    lab = _DaliStream(request.labeled, views, labeled_rows, cfg, rank, world_size, unlabeled_rows > 0,
                       "labeled", device_id, with_keys=with_keys)
-    unl = (_DaliStream(unlabeled, (student, teacher), unlabeled_rows, cfg, rank, world_size, False,
+    unl = (_DaliStream(request.unlabeled, views, unlabeled_rows, cfg, rank, world_size, False,
                        "unlabeled", device_id, with_keys=with_keys) if unlabeled_rows else None)
-    epoch_split, rows = (unlabeled, unlabeled_rows) if unl else (labeled, labeled_rows)
-    per_rank = dali_shard_sizes(sum(epoch_split[1]), world_size)
-    length = min(n // rows for n in per_rank)
-    train = DaliTrainLoader(lab, unl, length, world_size)
+    epoch_split, rows = (request.unlabeled, unlabeled_rows) if unl else (request.labeled, labeled_rows)
+    train = DaliTrainLoader(lab, unl, batches_per_epoch(epoch_split.total, world_size, 1, rows), world_size)
 
-    val_stream = _DaliStream(val, (eval_spec,), cfg.eval_batch_size, cfg, rank, world_size, False, "val", device_id,
-                             shuffle=False, with_keys=with_keys)
-    val_rows = dali_shard_sizes(sum(val[1]), world_size)
-    val_batches = max(math.ceil(n / cfg.eval_batch_size) for n in val_rows)
+    eval_spec = request.eval_spec
+    val_stream = _DaliStream(request.val, (eval_spec,), cfg.eval_batch_size, cfg, rank, world_size, False, "val",
+                             device_id, shuffle=False, with_keys=with_keys)
+    val_batches = max(math.ceil(len(sample_range(request.val.total, r, world_size)) / cfg.eval_batch_size)
+                      for r in range(world_size))
 
     def val_pass() -> Iterator[dict]:
         remaining = val_stream.samples
@@ -303,14 +280,18 @@ def build_dali(labeled, unlabeled, val, cfg: DataConfig, student: AugmentSpec, t
 
 
 class DaliTrainLoader(TrainLoader):
-    """TrainLoader whose position is the DALI readers' own checkpoints (exact resume)."""
+    """TrainLoader over each reader's continuous shuffled stream; an epoch is its next len(self) batches.
+
+    DALI's shuffle buffer spans pass boundaries, so a few samples can repeat across an epoch edge while
+    others wait for the next one. The position is DALI's own pipeline checkpoints (exact resume).
+    """
 
     def __init__(self, labeled: _DaliStream, unlabeled: _DaliStream | None, length: int, world_size: int) -> None:
         super().__init__(self._open_epoch_dali, lambda epoch: [length], length, world_size, 1)
         self.labeled, self.unlabeled = labeled, unlabeled
 
-    def _open_epoch_dali(self, epoch: int, skips: list[int]) -> Iterator[dict]:
-        for index in range(skips[0], len(self)):
+    def _open_epoch_dali(self, epoch: int, starts: list[list[int]]) -> Iterator[dict]:
+        for index in range(starts[0][0], len(self)):
             labeled = self.labeled.next()
             unlabeled = self.unlabeled.next() if self.unlabeled is not None else None
             batch = compose_batch(labeled, unlabeled)

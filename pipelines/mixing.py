@@ -1,93 +1,92 @@
-"""Labeled/unlabeled composition, shard assignment across ranks and workers, and epoch bookkeeping.
+"""Who reads which samples, how long an epoch is, and how batches are composed: the rules of both backends.
 
-Rules (both backends):
-- Shards are assigned once, not per epoch: rank r of W reads shards[r::W] of a split (manifest
-  order; the packer shuffles globally, so each rank holds a random subset), and worker k of K on that
-  rank reads its shards[k::K]. Epochs reshuffle the shard order and the sample buffer inside each worker.
-- A training batch holds exactly L labeled rows then U unlabeled rows. The unlabeled stream defines
-  the epoch: worker k yields floor(n_k / U) batches, n_k being its unlabeled sample count, so up to
-  U - 1 samples per worker (its last partial batch) are not seen that epoch. The labeled stream cycles
-  with a fresh shuffle per pass. With U = 0 the labeled stream defines the epoch the same way.
-- Uneven shards: every rank yields the same number of batches, `min` over ranks of its own count, so
-  collective ops never wait on a rank that ran out; a rank holding more samples leaves the surplus
-  (different samples each epoch, since the order reshuffles) unseen. Shard counts divisible by
-  world_size * workers and equal shard sizes keep the loss to the last partial batch per worker.
-- The labeled split is small: when it has fewer shards than ranks (or a rank fewer than its
-  workers), every rank (worker) reads all of them, each in its own shuffled order.
+- Reading is by sample. A split's samples are its shards' samples concatenated in manifest order.
+  Part p of P parts of N samples is [p*N//P, (p+1)*N//P) (`sample_range`, DALI's own sharding rule):
+  rank r of W gets that range of the split, and loader worker k of K that range of its rank's range.
+  DALI runs one reader per rank (K = 1). Shares are the same every epoch; the order within a reader
+  is reshuffled every epoch (seeded), so the samples left out with a last partial batch change.
+- A training batch holds exactly L labeled rows then U unlabeled rows. The unlabeled stream defines the
+  epoch: a reader yields floor(n / U) batches from its n samples, so only its last partial batch is
+  not seen that epoch. Every rank yields the same count, the minimum over ranks (`batches_per_epoch`),
+  so collectives never wait on a rank that ran out; shares differ by at most one sample, so the
+  minimum loses at most a batch per rank. With U = 0 the labeled stream defines the epoch the same way.
+- The labeled stream cycles, each pass in a fresh seeded order. When the labeled split holds fewer
+  than readers * L samples (a reader's share would not fill one batch), every reader reads all of it,
+  in its own order (`reads_whole_split`).
+- Augmentation randomness is fresh on every draw and a pure function of (seed, epoch, rank, worker,
+  stream, position in the worker's stream) (`draw_rng`), so resuming replays exactly; the sample
+  order of each pass is seeded the same way.
+- Val: the same ranges, in order, no shuffle; every sample is scored once across ranks.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 
+def _words(parts: Sequence[int | str]) -> list[int]:
+    return [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) & 0xFFFFFFFF for p in parts]
+
+
 def seed_for(*parts: int | str) -> int:
     """A 31-bit seed from any mix of ints and strings (stable across processes, unlike hash())."""
-    words = [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) & 0xFFFFFFFF for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
+    return int(np.random.SeedSequence(_words(parts)).generate_state(1)[0] >> 1)
 
 
-def split_indices(count: int, part: int, parts: int, *, share_if_short: bool) -> list[int]:
-    """Indices of items `part` of `parts` reads: every parts-th one; all of them when there are
-    fewer items than parts and `share_if_short` (used for the cycling labeled stream)."""
-    if share_if_short and count < parts:
-        return list(range(count))
-    return list(range(part, count, parts))
+def draw_rng(stream: int, position: int) -> np.random.Generator:
+    """The generator of draw `position` of a stream seeded `stream` = seed_for(seed, epoch, rank, worker, tag)."""
+    return np.random.default_rng((stream << 40) | position)
 
 
-@dataclass(frozen=True)
-class StreamPlan:
-    """The shards one worker of one rank reads for one split, with their sample total."""
-
-    shards: tuple[str, ...]
-    samples: int
+def sample_range(total: int, part: int, parts: int) -> range:
+    """Part `part` of `parts` of `total` samples: [part*total//parts, (part+1)*total//parts)."""
+    return range(part * total // parts, (part + 1) * total // parts)
 
 
-def plan_stream(
-    shards: Sequence[str], counts: Sequence[int], rank: int, world_size: int, worker: int, workers: int,
-    *, share_if_short: bool,
-) -> StreamPlan:
-    by_rank = split_indices(len(shards), rank, world_size, share_if_short=share_if_short)
-    mine = [by_rank[i] for i in split_indices(len(by_rank), worker, workers, share_if_short=share_if_short)]
-    return StreamPlan(tuple(shards[i] for i in mine), int(sum(counts[i] for i in mine)))
+def reader_range(total: int, rank: int, world_size: int, worker: int = 0, workers: int = 1) -> range:
+    """The samples worker `worker` of `workers` on `rank` of `world_size` reads: a range of its rank's."""
+    by_rank = sample_range(total, rank, world_size)
+    own = sample_range(len(by_rank), worker, workers)
+    return range(by_rank.start + own.start, by_rank.start + own.stop)
 
 
-def worker_quotas(
-    counts: Sequence[int], rank: int, world_size: int, workers: int, per_batch: int
-) -> list[int]:
-    """Batches each worker of `rank` yields per epoch from the epoch-defining stream."""
-    names = [str(i) for i in range(len(counts))]
-    return [
-        plan_stream(names, counts, rank, world_size, k, workers, share_if_short=False).samples // per_batch
-        for k in range(workers)
-    ]
+def reads_whole_split(total: int, readers: int, rows: int) -> bool:
+    """Whether every reader reads all of a cycling split: its share would not fill `rows` rows."""
+    return total < readers * rows
 
 
-def batches_per_epoch(counts: Sequence[int], world_size: int, workers: int, per_batch: int) -> int:
-    """The batch count every rank yields: the minimum over ranks (see the module docstring)."""
-    return min(sum(worker_quotas(counts, r, world_size, workers, per_batch)) for r in range(world_size))
+def worker_quotas(total: int, rank: int, world_size: int, workers: int, per_batch: int) -> list[int]:
+    """Batches each worker of `rank` yields per epoch from the epoch-defining stream of `total` samples."""
+    return [len(reader_range(total, rank, world_size, k, workers)) // per_batch for k in range(workers)]
 
 
-def resume_skips(
-    state: dict, quotas: Sequence[int], world_size: int, workers: int
-) -> list[int]:
+def batches_per_epoch(total: int, world_size: int, workers: int, per_batch: int) -> int:
+    """The batch count every rank yields: the minimum over ranks of its workers' quotas."""
+    return min(sum(worker_quotas(total, r, world_size, workers, per_batch)) for r in range(world_size))
+
+
+def resume_skips(state: dict, quotas: Sequence[int], world_size: int, workers: int) -> list[int]:
     """Batches each worker skips to resume at `state` (from TrainLoader.state_dict()).
 
     Exact when world size and worker count match the saved run (each worker replays its seeded
-    stream and drops what it already yielded, so nothing repeats or is skipped). Otherwise each
-    worker resumes at the saved fraction of the epoch, which can repeat or skip samples.
+    stream and drops what it already yielded). Otherwise each worker resumes at the saved fraction
+    of the epoch, which can repeat or skip samples.
     """
     done = list(state.get("worker_batches", []))
-    if state.get("world_size") == world_size and state.get("workers") == workers and len(done) == workers:
+    if same_topology(state, world_size, workers):
         return [min(d, q) for d, q in zip(done, quotas, strict=True)]
     total, saved_len = sum(done), max(int(state.get("batches_per_epoch", 0)), 1)
     fraction = min(total / saved_len, 1.0)
     return [int(fraction * q) for q in quotas]
+
+
+def same_topology(state: dict, world_size: int, workers: int) -> bool:
+    return (state.get("world_size") == world_size and state.get("workers") == workers
+            and len(state.get("worker_batches", [])) == workers)
 
 
 def compose_batch(

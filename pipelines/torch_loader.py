@@ -1,31 +1,37 @@
-"""The PyTorch backend: stock webdataset reader, DataLoader workers, OpenCV on uint8; the fast CPU path.
+"""The PyTorch backend: reading by sample, DataLoader workers, OpenCV on uint8; the fast CPU path.
 
-Each worker reads its own shards (see pipelines.mixing), decodes every JPEG once with OpenCV (at a
-reduced DCT scale when both views shrink the image by 2x or more, which is both faster and
-anti-aliased), renders each view with one cv2.warpAffine and one cv2.transform (the 3x4 colour
-matrix, with OpenCV's BGR->RGB folded in), and writes whole batches straight into shared memory, so
-the main process receives finished uint8 NCHW batches without a copy.
-
-Augmentation randomness comes from a generator seeded by (seed, epoch, sample key): a sample gets
-the same views whatever the worker count, and a resumed epoch replays exactly.
+Each worker decodes every JPEG once with OpenCV (at a reduced DCT scale when both views shrink the
+image by 2x or more: faster and anti-aliased), renders each view with one cv2.warpAffine and one
+cv2.transform, and writes whole batches into shared memory, so the main process gets finished batches.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import multiprocessing
+import multiprocessing.forkserver
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.augment import AugmentSpec, colour_matrix, geometry_matrix, sample_colour, sample_geometry
 from pipelines.errors import PipelineError
-from pipelines.mixing import plan_stream, resume_skips, seed_for, split_indices, worker_quotas
-from shard_tools.format import IMAGE_EXT, LABEL_EXT, decode_label
+from pipelines.loaders import LoaderRequest, TrainLoader, ValLoader
+from pipelines.mixing import (
+    batches_per_epoch,
+    draw_rng,
+    reader_range,
+    reads_whole_split,
+    seed_for,
+    worker_quotas,
+)
+from pipelines.reading import Sample, Split, draws
 
 # OpenCV decodes to BGR; this column permutation makes a colour matrix read BGR and write RGB
 _BGR_TO_RGB = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.float64)
@@ -120,47 +126,6 @@ def _render_one(image: np.ndarray, spec: AugmentSpec, matrix: np.ndarray, rng: n
     out[...] = view.transpose(2, 0, 1)
 
 
-def _reraise(exn: Exception) -> bool:
-    raise PipelineError(
-        f"reading a shard failed ({exn!r}); check the set with `mt-shard verify` and re-pack damaged shards"
-    ) from exn
-
-
-def sample_stream(shards: Sequence[str], *, rank: int, world_size: int, worker: int, workers: int,
-                  share_if_short: bool, shuffle_buffer: int, seed: int, cycle: bool) -> Iterator[tuple[str, bytes, int]]:
-    """(key, jpeg bytes, label) from the stock webdataset reader; `cycle` repeats with a new shuffle per pass."""
-    def by_node(urls):
-        urls = list(urls)
-        yield from (urls[i] for i in split_indices(len(urls), rank, world_size, share_if_short=share_if_short))
-
-    def by_worker(urls):
-        urls = list(urls)
-        yield from (urls[i] for i in split_indices(len(urls), worker, workers, share_if_short=share_if_short))
-
-    passes = 0
-    while True:
-        pass_seed = seed_for(seed, passes)
-        dataset = wds.WebDataset(
-            list(shards), handler=_reraise, shardshuffle=len(shards) if shuffle_buffer else False,
-            nodesplitter=by_node, workersplitter=by_worker, empty_check=False, seed=pass_seed,
-            select_files=lambda name: name.endswith((f".{IMAGE_EXT}", f".{LABEL_EXT}")),
-        )
-        if shuffle_buffer:
-            dataset = dataset.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=pass_seed + 1)
-        count = 0
-        for sample in dataset:
-            if IMAGE_EXT not in sample or LABEL_EXT not in sample:
-                raise PipelineError(
-                    f"{sample.get('__url__')}: sample {sample.get('__key__')!r} lacks .{IMAGE_EXT} or "
-                    f".{LABEL_EXT}; re-pack the set with mt-shard pack"
-                )
-            count += 1
-            yield sample["__key__"], sample[IMAGE_EXT], decode_label(sample[LABEL_EXT])
-        passes += 1
-        if not cycle or count == 0:
-            return
-
-
 def _shared_batch(rows: int, size: tuple[int, int]) -> torch.Tensor:
     # allocated straight in shared memory (as default_collate does) so the DataLoader hands it over
     # without the copy that share_memory_() on a private tensor would make
@@ -169,76 +134,127 @@ def _shared_batch(rows: int, size: tuple[int, int]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
 
 
+def _shard_names(split: Split, samples: range) -> str:
+    shards = [split.shards[number] for number, _, _ in split.pieces(samples)]
+    return shards[0] + (f" (and {len(shards) - 1} more shards)" if len(shards) > 1 else "")
+
+
+class Draws:
+    """One worker's draws from one split: samples in a seeded order, a fresh generator per draw.
+
+    The generator of draw i is draw_rng(stream seed, i): a pure function of the position in the
+    stream, so a resumed worker that skips i draws without decoding renders draw i exactly as before.
+    """
+
+    def __init__(self, split: Split, samples: range, seed: tuple, shuffle_buffer: int) -> None:
+        self.split, self.samples, self.stream_seed = split, samples, seed_for(*seed, "view")
+        self._stream = draws(split, samples, (*seed, "order"), shuffle_buffer, cycle=True)
+        self.position = 0  # draws so far, undecodable ones included
+        self.skipped = 0  # undecodable draws so far
+        self._failures = 0  # undecodable draws since the last good one
+
+    def _next(self) -> Sample:
+        try:
+            sample = next(self._stream)
+        except StopIteration:
+            raise PipelineError(f"the {self.split.name} split gives this reader no samples; re-pack the set") from None
+        self.position += 1
+        return sample
+
+    def skip_to(self, position: int) -> None:
+        while self.position < position:
+            self._next()
+
+    def render(self, specs: Sequence[AugmentSpec], outs: Sequence[np.ndarray]) -> tuple[str, int]:
+        """Render the next decodable draw into `outs`; (key, label)."""
+        while True:
+            key, data, label = self._next()
+            if render_views(data, specs, draw_rng(self.stream_seed, self.position - 1), outs):
+                self._failures = 0
+                return key, label
+            self.skipped += 1
+            self._failures += 1
+            # two passes' worth of consecutive failures always holds a whole pass: nothing here decodes
+            if self._failures >= 2 * len(self.samples):
+                raise PipelineError(
+                    f"{_shard_names(self.split, self.samples)}: none of the {len(self.samples)} {self.split.name} "
+                    "images this reader holds decodes; check the set with `mt-shard verify --decode` and re-pack it")
+            if self._failures <= 3:
+                warnings.warn(f"skipping sample {key!r}: its image does not decode", stacklevel=1)
+
+
+def _guarded(batches: Iterator[dict]) -> Iterator[dict]:
+    """In a worker, a PipelineError becomes one `_error` batch (the main process raises it as one line)."""
+    try:
+        yield from batches
+    except PipelineError as exc:
+        if get_worker_info() is None:
+            raise
+        yield {"_error": str(exc)}
+
+
 class TrainStream(IterableDataset):
     """Per-worker producer of finished two-view batches (L labeled rows, then U unlabeled)."""
 
-    def __init__(self, labeled: tuple[list[str], list[int]], unlabeled: tuple[list[str], list[int]],
-                 student: AugmentSpec, teacher: AugmentSpec, labeled_per_batch: int, batch_size: int,
-                 shuffle_buffer: int, seed: int, rank: int, world_size: int, workers: int) -> None:
-        self.labeled, self.unlabeled = labeled, unlabeled
-        self.specs = (student, teacher)
-        self.labeled_per_batch, self.batch_size = labeled_per_batch, batch_size
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
+    def __init__(self, request: LoaderRequest) -> None:
+        cfg = request.cfg
+        self.labeled, self.unlabeled = request.labeled, request.unlabeled
+        self.specs = (request.student, request.teacher)
+        self.labeled_rows, self.unlabeled_rows = cfg.labeled_per_batch, cfg.unlabeled_per_batch
+        self.shuffle_buffer, self.seed, self.with_keys = cfg.shuffle_buffer, cfg.seed, request.with_keys
+        self.rank, self.world_size, self.workers = request.rank, request.world_size, max(cfg.workers, 1)
         self.epoch = 0
-        self.skips: list[int] | None = None
-        self.with_keys = False  # add "key": list of sample keys to each batch (tests, debugging)
+        self.starts: list[list[int]] | None = None  # per worker: batches, labeled and unlabeled draws to skip
 
     def quotas(self) -> list[int]:
-        unlabeled_rows = self.batch_size - self.labeled_per_batch
-        shards, counts = self.unlabeled if unlabeled_rows else self.labeled
-        return worker_quotas(counts, self.rank, self.world_size, self.workers,
-                             unlabeled_rows or self.labeled_per_batch)
+        split, rows = (self.unlabeled, self.unlabeled_rows) if self.unlabeled_rows else (self.labeled, self.labeled_rows)
+        return worker_quotas(split.total, self.rank, self.world_size, self.workers, rows)
 
-    def _stream(self, split: tuple[list[str], list[int]], worker: int, share: bool, tag: str):
-        return sample_stream(split[0], rank=self.rank, world_size=self.world_size, worker=worker,
-                             workers=self.workers, share_if_short=share, shuffle_buffer=self.shuffle_buffer,
-                             seed=seed_for(self.seed, self.epoch, self.rank, worker, tag), cycle=True)
+    def epoch_length(self) -> int:
+        split, rows = (self.unlabeled, self.unlabeled_rows) if self.unlabeled_rows else (self.labeled, self.labeled_rows)
+        return batches_per_epoch(split.total, self.world_size, self.workers, rows)
+
+    def _draws(self, split: Split, worker: int, tag: str, whole: bool) -> Draws:
+        samples = range(split.total) if whole else reader_range(split.total, self.rank, self.world_size, worker,
+                                                                self.workers)
+        return Draws(split, samples, (self.seed, self.epoch, self.rank, worker, tag), self.shuffle_buffer)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        if info is None:  # in-process (workers=0): keep OpenCV to one thread like the workers
-            cv2.setNumThreads(1)
-        labeled_rows = self.labeled_per_batch
-        unlabeled_rows = self.batch_size - labeled_rows
-        quota = self.quotas()[worker]
-        skip = self.skips[worker] if self.skips else 0
-        # the labeled stream cycles and may be shared; with U = 0 it defines the epoch, so no sharing
-        labeled = self._stream(self.labeled, worker, share=unlabeled_rows > 0, tag="labeled")
-        unlabeled = self._stream(self.unlabeled, worker, share=False, tag="unlabeled") if unlabeled_rows else None
+        cv2.setNumThreads(1)  # each worker is one core's worth of parallelism
+        return _guarded(self._batches(info.id if info is not None else 0))
+
+    def _batches(self, worker: int) -> Iterator[dict]:
+        labeled_rows, batch_size = self.labeled_rows, self.labeled_rows + self.unlabeled_rows
+        # with U = 0 the labeled stream defines the epoch, so no sharing
+        whole = self.unlabeled_rows > 0 and reads_whole_split(self.labeled.total, self.world_size * self.workers,
+                                                              labeled_rows)
+        labeled = self._draws(self.labeled, worker, "labeled", whole)
+        unlabeled = self._draws(self.unlabeled, worker, "unlabeled", False) if self.unlabeled_rows else None
+        first, labeled_at, unlabeled_at = self.starts[worker] if self.starts else (0, 0, 0)
+        labeled.skip_to(labeled_at)  # resume: advance the readers without decoding
+        if unlabeled is not None:
+            unlabeled.skip_to(unlabeled_at)
         out_size = self.specs[0].output_size
-        for index in range(quota):
-            if index < skip:  # resume: advance the readers without decoding
-                for _ in range(labeled_rows):
-                    next(labeled)
-                for _ in range(unlabeled_rows):
-                    next(unlabeled)
-                continue
+        for index in range(first, self.quotas()[worker]):
             if out_size == self.specs[1].output_size:  # one shared-memory block for both views
-                student, teacher = _shared_batch(2 * self.batch_size, out_size).chunk(2)
+                student, teacher = _shared_batch(2 * batch_size, out_size).chunk(2)
             else:
-                student = _shared_batch(self.batch_size, out_size)
-                teacher = _shared_batch(self.batch_size, self.specs[1].output_size)
-            labels = torch.empty(self.batch_size, dtype=torch.int64)
-            skipped, keys = 0, []
+                student = _shared_batch(batch_size, out_size)
+                teacher = _shared_batch(batch_size, self.specs[1].output_size)
+            labels = torch.full((batch_size,), -1, dtype=torch.int64)
+            skipped_before = labeled.skipped + (unlabeled.skipped if unlabeled else 0)
             student_np, teacher_np = student.numpy(), teacher.numpy()
-            for row in range(self.batch_size):
+            keys = []
+            for row in range(batch_size):
                 source = labeled if row < labeled_rows else unlabeled
-                while True:
-                    try:
-                        key, data, label = next(source)
-                    except StopIteration:
-                        raise PipelineError("a training split has no readable samples; re-pack the set") from None
-                    rng = np.random.default_rng(seed_for(self.seed, self.epoch, key))
-                    if render_views(data, self.specs, rng, (student_np[row], teacher_np[row])):
-                        break
-                    skipped += 1
-                    warnings.warn(f"skipping sample {key!r}: its image does not decode", stacklevel=1)
-                labels[row] = label if row < labeled_rows else -1
+                key, label = source.render(self.specs, (student_np[row], teacher_np[row]))
+                if row < labeled_rows:
+                    labels[row] = label
                 keys.append(key)
-            batch = {"student": student, "teacher": teacher, "label": labels,
-                     "_worker": worker, "_index": index, "_skipped": skipped}
+            skipped = labeled.skipped + (unlabeled.skipped if unlabeled else 0) - skipped_before
+            batch = {"student": student, "teacher": teacher, "label": labels, "_worker": worker, "_index": index,
+                     "_skipped": skipped, "_positions": [labeled.position, unlabeled.position if unlabeled else 0]}
             if self.with_keys:
                 batch["key"] = keys
             yield batch
@@ -247,29 +263,32 @@ class TrainStream(IterableDataset):
 class ValStream(IterableDataset):
     """Per-worker eval batches, no shuffle; the last batch is padded (valid=False rows)."""
 
-    def __init__(self, split: tuple[list[str], list[int]], spec: AugmentSpec, batch_size: int,
-                 rank: int, world_size: int, workers: int) -> None:
-        self.split, self.spec, self.batch_size = split, spec, batch_size
-        self.rank, self.world_size, self.workers = rank, world_size, max(workers, 1)
-        self.with_keys = False
+    def __init__(self, request: LoaderRequest) -> None:
+        self.split, self.spec, self.batch_size = request.val, request.eval_spec, request.cfg.eval_batch_size
+        self.rank, self.world_size, self.workers = request.rank, request.world_size, max(request.cfg.workers, 1)
+        self.with_keys = request.with_keys
 
-    def batch_counts(self, rank: int | None = None) -> list[int]:
+    def samples(self, worker: int, rank: int | None = None) -> range:
         rank = self.rank if rank is None else rank
-        return [math.ceil(plan_stream(self.split[0], self.split[1], rank, self.world_size, k, self.workers,
-                                      share_if_short=False).samples / self.batch_size)
-                for k in range(self.workers)]
+        return reader_range(self.split.total, rank, self.world_size, worker, self.workers)
+
+    def batch_count(self) -> int:
+        """Batches of the rank with the most (every rank pads up to it)."""
+        return max(sum(math.ceil(len(self.samples(k, r)) / self.batch_size) for k in range(self.workers))
+                   for r in range(self.world_size))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        stream = sample_stream(self.split[0], rank=self.rank, world_size=self.world_size, worker=worker,
-                               workers=self.workers, share_if_short=False, shuffle_buffer=0, seed=0, cycle=False)
+        cv2.setNumThreads(1)
+        return _guarded(self._batches(info.id if info is not None else 0))
+
+    def _batches(self, worker: int) -> Iterator[dict]:
         rng = np.random.default_rng(0)  # eval views draw nothing random; kept for the shared signature
         rows: list[int] = []
         keys: list[str] = []
         images = _shared_batch(self.batch_size, self.spec.output_size)
         skipped = 0
-        for key, data, label in stream:
+        for key, data, label in draws(self.split, self.samples(worker), (), 0, cycle=False):
             if not render_views(data, (self.spec,), rng, (images.numpy()[len(rows)],)):
                 skipped += 1
                 warnings.warn(f"skipping val sample {key!r}: its image does not decode", stacklevel=1)
@@ -297,25 +316,54 @@ def _val_batch(images: torch.Tensor, labels: list[int], batch_size: int, skipped
     return batch
 
 
-def make_dataloader(dataset: IterableDataset, workers: int) -> DataLoader:
-    """A DataLoader whose workers yield finished batches (batch_size=None), forked per epoch.
+@functools.cache
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where DataLoader workers start: a forkserver that has imported the main module and this one.
 
-    OpenCV is set to one thread here, in the calling process, before any fork: a worker forked from
-    a process whose OpenCV thread pool exists hangs in its first cv2.setNumThreads call (the pool's
-    threads are not copied by fork). The main process does no image work, so this costs nothing;
-    the workers inherit the setting, and each worker is one core's worth of parallelism.
+    Forking the training process itself is unsafe once DALI (or CUDA) has run in it: its native
+    threads are not copied and the children can crash. The forkserver never runs either, and forking
+    it stays cheap because the heavy imports (torch, OpenCV, the main script's) are done once, in the
+    server. As with spawn, a script that builds loaders needs the `if __name__ == "__main__":` guard.
     """
-    if workers:
-        cv2.setNumThreads(1)
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # a `python -m package.module` main is re-run in every worker: importing it in the server first
+    # leaves the workers only its body to run ("__main__" covers script paths on Pythons that honour it)
+    main_name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    extra = [main_name] if main_name and not main_name.endswith("__main__") else []
+    context.set_forkserver_preload(["__main__", __name__, *extra])
+    return context
+
+
+def make_dataloader(dataset: IterableDataset, workers: int) -> DataLoader:
+    """A DataLoader whose workers yield finished batches (batch_size=None), started per epoch."""
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=2 if workers else None, persistent_workers=False,
-                      multiprocessing_context="fork" if workers and _fork_ok() else None)
+                      multiprocessing_context=worker_context() if workers else None)
 
 
-def _fork_ok() -> bool:
-    import multiprocessing
+def build_torch_loaders(request: LoaderRequest) -> tuple[TrainLoader, ValLoader]:
+    """The torch backend behind pipelines.loaders' contract."""
+    cfg = request.cfg
+    if cfg.workers and worker_context().get_start_method() == "forkserver":
+        multiprocessing.forkserver.ensure_running()  # starts now, importing while the caller builds its model
+    stream = TrainStream(request)
 
-    return "fork" in multiprocessing.get_all_start_methods()
+    def open_epoch(epoch: int, starts: list[list[int]]) -> DataLoader:
+        stream.epoch, stream.starts = epoch, starts
+        return make_dataloader(stream, cfg.workers)
 
+    def quotas(epoch: int) -> list[int]:
+        return stream.quotas()
 
-__all__ = ["TrainStream", "ValStream", "make_dataloader", "render_views", "resume_skips", "sample_stream"]
+    train = TrainLoader(open_epoch, quotas, stream.epoch_length(), request.world_size, stream.workers,
+                        (cfg.labeled_per_batch, cfg.unlabeled_per_batch))
+    val_stream = ValStream(request)
+
+    def empty_val() -> dict:
+        size = (cfg.eval_batch_size, 3, *request.eval_spec.output_size)
+        return {"image": torch.zeros(size, dtype=torch.uint8), "valid": torch.zeros(cfg.eval_batch_size, dtype=torch.bool),
+                "label": torch.full((cfg.eval_batch_size,), -1, dtype=torch.int64)}
+
+    return train, ValLoader(lambda: make_dataloader(val_stream, cfg.workers), val_stream.batch_count(), empty_val)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -32,31 +31,6 @@ def photo_shards(photo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("photo_shards") / "shards"
     pack(photo_tree, out, label_fraction=0.25, seed=0, shard_size=16, workers=1, progress=False)
     return out
-
-
-_RUNS_DALI_IN_PROCESS = {"test_dali.py", "test_readers.py", "test_bench.py"}
-
-
-def _runs_dali(item: pytest.Item) -> bool:
-    if Path(str(item.fspath)).name in _RUNS_DALI_IN_PROCESS:
-        return True
-    function = getattr(item, "function", None)
-    try:
-        return function is not None and "dali" in inspect.getsource(function).lower()
-    except (OSError, TypeError):
-        return False
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the tests that build DALI pipelines in this process last.
-
-    DALI 2.4 leaves threads and native state behind in the process that ran a pipeline; a
-    DataLoader worker forked from that process afterwards can segfault. Users run one backend per
-    process; the suite runs both, so it keeps the forking torch-backend tests before the DALI ones.
-    """
-    items.sort(key=_runs_dali)  # stable: the order within each group is kept
-
-
 # Object storage (issue 12): a real S3 server (moto, in a subprocess) and its fixtures, from
 # tests/s3_server.py, loaded by path so it works whatever sys.path the run has.
 def _load_s3_server_fixtures():

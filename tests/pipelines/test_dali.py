@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -89,3 +92,30 @@ def test_dali_refuses_a_shard_with_a_corrupt_image(damaged_digits, digits_config
     bad_key = corrupt_one_image(kind)
     with pytest.raises(PipelineError, match=f"{bad_key}.jpg is not a complete JPEG"):
         build_loaders(shards, digits_config(), backend="dali")
+
+
+BOTH_BACKENDS = """
+import sys
+from pipelines import DataConfig, build_loaders
+
+cfg = DataConfig(batch_size=64, labeled_per_batch=16, student_aug="digits-train", teacher_aug="digits-train",
+                 eval_aug="digits-eval", workers=2, shuffle_buffer=64, eval_batch_size=128)
+for backend in sys.argv[2].split(","):
+    loaders = build_loaders(sys.argv[1], cfg, backend=backend)
+    batches = [batch["label"][:16].min().item() for _, batch in zip(range(5), loaders.train, strict=False)]
+    scored = sum(int(batch["valid"].sum()) for batch in loaders.val)
+    print(backend, len(loaders.train), len(batches), scored, flush=True)
+"""
+
+
+@pytest.mark.parametrize("order", ["dali,torch", "torch,dali"])
+@pytest.mark.timeout(300)
+def test_both_backends_in_one_process_in_either_order(digits_shards, digits_content, order):
+    # a subprocess of its own, so that a crash (DALI's native state in a forked worker) is a failure
+    result = subprocess.run([sys.executable, "-c", BOTH_BACKENDS, str(digits_shards), order],
+                            capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-2000:]
+    val = len(digits_content["val"])
+    # torch: 2 workers of 604 unlabeled -> 2 x 12 batches of 48; DALI: one reader per rank, 1208 // 48
+    expected = {"torch": f"torch 24 5 {val}", "dali": f"dali 25 5 {val}"}
+    assert result.stdout.split("\n")[:2] == [expected[name] for name in order.split(",")]

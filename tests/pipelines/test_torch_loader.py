@@ -67,8 +67,8 @@ def test_one_epoch_sees_each_unlabeled_sample_once_up_to_partial_batches(digits_
     assert len(batches) == len(loaders.train)
     keys = [k for b in batches for k in b["key"][16:]]
     assert len(keys) == len(set(keys)) == len(loaders.train) * 48
-    # workers hold shards {0,2,4} = 696 and {1,3} = 512 samples: 696 % 48 + 512 % 48 are left out
-    assert len(digits_content["train-unlabeled"]) - len(keys) == 696 % 48 + 512 % 48
+    # each worker reads 1208 / 2 = 604 samples: its last partial batch, 604 % 48, is left out
+    assert len(digits_content["train-unlabeled"]) - len(keys) == 2 * (604 % 48)
     assert loaders.train.epoch == 1 and loaders.train.skipped == 0
 
 
@@ -100,6 +100,68 @@ def test_resume_neither_repeats_nor_skips(digits_shards, digits_config):
     sample = tail[0]  # the same rows get the same augmented views as in the uninterrupted run
     assert torch.equal(sample["student"], by_keys[tuple(sample["key"])]["student"])
     assert resumed.train.epoch == 1
+
+
+def test_repeated_labeled_draws_get_fresh_views_and_a_resume_replays_them(digits_shards, digits_config):
+    full = epoch_batches(build_loaders(digits_shards, digits_config(), with_keys=True))
+    draws: dict[str, list[tuple[bytes, bytes]]] = {}
+    for batch in full:
+        for row, key in enumerate(batch["key"][:16]):
+            draws.setdefault(key, []).append((batch["student"][row].numpy().tobytes(),
+                                              batch["teacher"][row].numpy().tobytes()))
+    # 24 batches x 16 labeled rows = 384 draws of the 50 labeled images: each drawn ~8 times
+    assert len(draws) == 50 and sum(len(d) for d in draws.values()) == 24 * 16
+    for key, views in draws.items():
+        assert len(views) >= 2
+        assert len({student for student, _ in views}) == len(views), key  # a new student view every draw
+        assert len({teacher for _, teacher in views}) == len(views), key
+        assert all(student != teacher for student, teacher in views), key
+    loaders = build_loaders(digits_shards, digits_config(), with_keys=True)
+    for done, _ in enumerate(loaders.train, 1):
+        if done == 9:
+            break
+    resumed = build_loaders(digits_shards, digits_config(), with_keys=True)
+    resumed.load_state_dict(loaders.state_dict())
+    tail = epoch_batches(resumed)
+    by_keys = {tuple(b["key"]): b for b in full}
+    assert len(tail) == len(full) - 9
+    for batch in tail:  # the same positions give the same views, labeled rows included
+        reference = by_keys[tuple(batch["key"])]
+        assert torch.equal(batch["student"], reference["student"]) and torch.equal(batch["teacher"], reference["teacher"])
+
+
+def _corrupt_unlabeled_images(shards, every: int) -> int:
+    """Zero every `every`-th unlabeled JPEG in place (same length: tars and indexes stay valid)."""
+    from shard_tools.format import index_name, parse_index, read_manifest
+
+    count = 0
+    for name in read_manifest(shards).split("train-unlabeled").shards:
+        samples = parse_index(open(index_name(str(shards / name))).read())
+        with open(shards / name, "r+b") as handle:
+            for _, members in samples[::every]:
+                offset, size = members["jpg"]
+                handle.seek(offset)
+                handle.write(b"\0" * size)
+                count += 1
+    return count
+
+
+@pytest.mark.timeout(120)
+def test_resume_is_exact_after_undecodable_images_were_skipped(damaged_digits, digits_config):
+    shards, _, _ = damaged_digits
+    assert _corrupt_unlabeled_images(shards, every=97) == 14
+    full = epoch_batches(build_loaders(shards, digits_config(), with_keys=True))
+    loaders = build_loaders(shards, digits_config(), with_keys=True)
+    for done, _ in enumerate(loaders.train, 1):
+        if done == 12:
+            break
+    assert loaders.train.skipped > 0  # the streams already drew past undecodable images
+    resumed = build_loaders(shards, digits_config(), with_keys=True)
+    resumed.load_state_dict(loaders.state_dict())
+    tail = epoch_batches(resumed)
+    assert sorted(tuple(b["key"]) for b in tail) == sorted(tuple(b["key"]) for b in full[12:])
+    by_keys = {tuple(b["key"]): b for b in full}
+    assert all(torch.equal(b["student"], by_keys[tuple(b["key"])]["student"]) for b in tail)
 
 
 def test_supervised_batches_when_U_is_zero(digits_shards, digits_content, digits_config):
@@ -141,9 +203,9 @@ def test_bad_inputs_raise_pipeline_error(tmp_path, digits_shards, damaged_digits
         build_loaders(tmp_path / "nowhere", digits_config())
     shards, _, remove_index = damaged_digits
     removed = remove_index()
-    with pytest.raises(PipelineError, match="DALI index missing"):
-        build_loaders(shards, digits_config(), backend="dali")
-    assert len(build_loaders(shards, digits_config(), backend="torch").train) > 0  # torch reads tars only
+    for backend in ("dali", "torch"):  # both backends locate samples through the index
+        with pytest.raises(PipelineError, match="DALI index missing"):
+            build_loaders(shards, digits_config(), backend=backend)
     (shards / removed.name.replace(".idx", ".tar")).unlink()
     with pytest.raises(PipelineError, match="shard listed in the manifest is missing"):
         build_loaders(shards, digits_config(), backend="torch")

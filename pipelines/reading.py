@@ -1,0 +1,207 @@
+"""Reading by sample: a split's samples located through the DALI indexes, read as one byte span per shard.
+
+Every read (manifest, index, shard span) goes through shard_tools.storage. A missing index is
+refused with one line (both backends need it; `wds2idx` or a re-pack rebuilds it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.errors import PipelineError
+from pipelines.mixing import seed_for
+from shard_tools import storage
+from shard_tools.format import (
+    IMAGE_EXT,
+    LABEL_EXT,
+    MANIFEST_NAME,
+    SPLITS,
+    TRAIN_UNLABELED,
+    Manifest,
+    ShardFormatError,
+    decode_label,
+    index_name,
+    parse_index,
+)
+
+VERIFY = "check the set with `mt-shard verify`"
+Sample = tuple[str, bytes, int]  # key, JPEG bytes, label
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a shard set: its shards' URLs and sample counts in manifest order."""
+
+    name: str
+    shards: tuple[str, ...]
+    counts: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def pieces(self, samples: range) -> list[tuple[int, int, int]]:
+        """(shard number, first, stop) in shard-local sample numbers for each shard `samples` touch."""
+        pieces, start = [], 0
+        for number, count in enumerate(self.counts):
+            first, stop = max(samples.start - start, 0), min(samples.stop - start, count)
+            if first < stop:
+                pieces.append((number, first, stop))
+            start += count
+        return pieces
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A shard's samples: keys and a table of (jpg offset, jpg size, lbl offset) rows."""
+
+    keys: list[str]
+    table: np.ndarray
+
+
+def open_set(base: str) -> tuple[Manifest, dict[str, Split]]:
+    """The manifest of the set at `base` and its splits (shard URLs beside the manifest)."""
+    base = str(base)
+    url = storage.join(base, MANIFEST_NAME)
+    try:
+        if not storage.exists(url):
+            if not storage.exists(base):
+                raise PipelineError(f"{base}: no such shard set folder; pack one with mt-shard pack")
+            raise PipelineError(f"{url}: missing; this folder is not a shard set (pack one with mt-shard pack)")
+        manifest = Manifest.from_dict(json.loads(storage.read_bytes(url)), url)
+    except ShardFormatError as exc:
+        raise PipelineError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{url}: unreadable manifest ({exc}); re-pack the set") from None
+    splits = {}
+    for name in SPLITS:
+        info = manifest.split(name)
+        bad = [s for s in info.shards if not isinstance(s, str) or "/" in s or "\\" in s or s in ("", ".", "..")]
+        if bad or len(info.counts) != len(info.shards):
+            problem = f"shard name {bad[0]!r} is not a plain file name" if bad else (
+                f"split {name!r} lists {len(info.shards)} shards but {len(info.counts)} counts")
+            raise PipelineError(f"{url}: {problem}; re-pack the set")
+        splits[name] = Split(name, tuple(storage.join(base, s) for s in info.shards),
+                             tuple(int(c) for c in info.counts), manifest.num_classes)
+    return manifest, splits
+
+
+def shard_index(split: Split, number: int) -> ShardIndex:
+    """The index of shard `number`, checked against the manifest and the shard's size (one line on error)."""
+    shard = split.shards[number]
+    index = index_name(shard)
+    try:
+        if not storage.exists(shard):
+            raise PipelineError(f"{shard}: shard listed in the manifest is missing; re-pack or copy the set again")
+        if not storage.exists(index):
+            raise PipelineError(f"{index}: DALI index missing; rebuild it with `wds2idx {shard} {index}` or re-pack "
+                                "the set with mt-shard pack")
+        samples = parse_index(storage.read_bytes(index).decode(), index)
+        shard_bytes = storage.size(shard)
+    except ShardFormatError as exc:
+        raise PipelineError(str(exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{index}: unreadable ({exc}); rebuild it or re-pack the set") from None
+    if len(samples) != split.counts[number]:
+        raise PipelineError(f"{index}: lists {len(samples)} samples, the manifest {split.counts[number]}; {VERIFY}")
+    table = np.empty((len(samples), 3), dtype=np.int64)
+    end = 0
+    for row, (key, members) in enumerate(samples):
+        if IMAGE_EXT not in members or LABEL_EXT not in members:
+            raise PipelineError(f"{shard}: sample {key!r} lacks .{IMAGE_EXT} or .{LABEL_EXT}; re-pack the set "
+                                "with mt-shard pack")
+        if members[LABEL_EXT][1] != 4:
+            raise PipelineError(f"{shard}: sample {key!r} has a {members[LABEL_EXT][1]}-byte .{LABEL_EXT} member "
+                                f"(4 expected); {VERIFY} and re-pack the shard")
+        table[row] = members[IMAGE_EXT][0], members[IMAGE_EXT][1], members[LABEL_EXT][0]
+        end = max(end, *(offset + size for offset, size in members.values()))
+    if end > shard_bytes:
+        raise PipelineError(f"{shard}: {shard_bytes} bytes but its index reaches byte {end}, so the shard is "
+                            f"truncated; {VERIFY} and copy or re-pack it")
+    return ShardIndex([key for key, _ in samples], table)
+
+
+def check_shards(split: Split, samples: range) -> None:
+    """Check the index of every shard `samples` touch (cheap: no image data is read)."""
+    for number, _, _ in split.pieces(samples):
+        shard_index(split, number)
+
+
+def read_piece(split: Split, number: int, first: int, stop: int, index: ShardIndex) -> list[Sample]:
+    """Samples first..stop-1 of shard `number`, read as ONE byte span and cut at the index offsets."""
+    shard = split.shards[number]
+    rows = index.table[first:stop]
+    start = int(min(rows[:, 0].min(), rows[:, 2].min()))
+    end = int(max((rows[:, 0] + rows[:, 1]).max(), rows[:, 2].max() + 4))
+    try:
+        span = storage.read_range(shard, start, end - start)
+    except OSError as exc:
+        raise PipelineError(f"{shard}: unreadable ({exc}); {VERIFY}") from None
+    if len(span) != end - start:
+        raise PipelineError(f"{shard}: ends before byte {end} that its index lists, so the shard is truncated; "
+                            f"{VERIFY} and copy or re-pack it")
+    labeled = split.name != TRAIN_UNLABELED
+    samples = []
+    for key, (image_at, image_size, label_at) in zip(index.keys[first:stop], (rows - [start, 0, start]).tolist(),
+                                                      strict=True):
+        label = decode_label(span[label_at:label_at + 4])
+        if labeled and not 0 <= label < split.num_classes:
+            raise PipelineError(f"{shard}: sample {key!r} has label {label}, outside 0..{split.num_classes - 1}; "
+                                f"{VERIFY} and re-pack the set")
+        samples.append((key, span[image_at:image_at + image_size], label))
+    return samples
+
+
+def draws(split: Split, samples: range, seed: Sequence[int | str], shuffle_buffer: int,
+          cycle: bool) -> Iterator[Sample]:
+    """The samples of `samples`, each pass in a fresh seeded order; `cycle` repeats passes forever.
+
+    A range of at most `shuffle_buffer` samples is held in memory and permuted whole each pass.
+    A larger one is read piece by piece (one span per shard, pieces in seeded order) through a
+    shuffle buffer, so memory stays one shard's span plus `shuffle_buffer` samples. No shuffle
+    buffer: range order.
+    """
+    if not len(samples):
+        return
+    pieces = split.pieces(samples)
+    indexes: dict[int, ShardIndex] = {}
+
+    def read(number: int, first: int, stop: int) -> list[Sample]:
+        if number not in indexes:
+            indexes[number] = shard_index(split, number)
+        return read_piece(split, number, first, stop, indexes[number])
+
+    held: list[Sample] | None = None
+    for pass_number in itertools.count():
+        rng = np.random.default_rng(seed_for(*seed, pass_number))
+        if shuffle_buffer and len(samples) <= shuffle_buffer:
+            held = held or [sample for piece in pieces for sample in read(*piece)]
+            yield from (held[i] for i in rng.permutation(len(held)))
+        else:
+            order = rng.permutation(len(pieces)) if shuffle_buffer else range(len(pieces))
+            yield from shuffled((s for i in order for s in read(*pieces[i])), shuffle_buffer, rng)
+        if not cycle:
+            return
+
+
+def shuffled(stream: Iterable[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
+    """`stream` through a shuffle buffer of `size` items (webdataset's scheme; size <= 1: as is)."""
+    if size <= 1:
+        yield from stream
+        return
+    buffer: list[Sample] = []
+    for item in stream:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        pick = int(rng.integers(size))
+        yield buffer[pick]
+        buffer[pick] = item
+    for pick in rng.permutation(len(buffer)):
+        yield buffer[pick]
