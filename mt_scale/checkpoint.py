@@ -353,8 +353,12 @@ def _reason(exc: BaseException) -> str:
     """The first line of an exception's message, shortened: enough to tell damage from a mismatch."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
+    if text.endswith(":") and len(lines) > 1:  # a heading; the first detail says what is wrong
+        text = f"{text} {lines[1]}"
     if "Weights only load failed" in text:
-        detail = next((line for line in lines if "Unsupported" in line or "Can only build" in line), "")
+        detail = next(
+            (line for line in lines if "unsupported" in line.lower() or "can only build" in line.lower()), ""
+        )
         text = f"not weights-only: {detail}" if detail else "not weights-only"
     return text if len(text) <= 200 else text[:197] + "..."
 
