@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -379,6 +380,64 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(digits_shards: Path, t
         == [float(s) for s in range(1, 51)]
     )
     assert [r["loss"] for r in split_rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-4)
+
+
+def launch_two(shards: Path, run: Path, *extra: str) -> subprocess.Popen:
+    """`accelerate launch` of mt-train on two CPU processes (gloo), each one its own rank."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    args = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+            "-m", "mt_scale.train", *argv(shards, run, *extra)]  # fmt: skip
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """{rank: pid} of the launcher's training processes, from their environment."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher.pid:
+            found.update({int(item[5:]): int(pid) for item in environ if item.startswith(b"RANK=")})
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step(digits_shards: Path, tmp_path: Path) -> None:
+    extra = ("--set", "run.epochs=2", "--set", "optim.lr_rampdown_epochs=2")
+    launcher = launch_two(digits_shards, tmp_path / "split", *extra)
+    deadline = time.monotonic() + 300
+    while len(ranks := rank_pids(launcher)) < 2 or not (tmp_path / "split" / "metrics.csv").is_file():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    wait_for_first_step(launcher, tmp_path / "split")
+    os.kill(ranks[1], signal.SIGTERM)  # rank 1 alone: rank 0 learns it through the all-reduced flag
+    launcher.communicate(timeout=300)
+    [checkpoint] = checkpoint_dirs(tmp_path / "split")
+    stopped_at = json.loads((checkpoint / TRAIN_STATE_NAME).read_text())["state"]["step"]
+    assert checkpoint.name == f"step-{stopped_at:08d}" and 1 <= stopped_at < 20
+    assert {data_state_name(0), data_state_name(1), rng_state_name(1)} <= {p.name for p in checkpoint.iterdir()}
+
+    resumed = launch_two(digits_shards, tmp_path / "split", *extra, "--resume")
+    straight = launch_two(digits_shards, tmp_path / "straight", *extra)
+    for proc in (resumed, straight):
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, err[-3000:]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("split", "straight")]
+    assert reports[0]["steps"] == reports[1]["steps"] == 20  # 2 epochs of 10 steps per rank
+    assert reports[0]["final"] == reports[1]["final"]
+    a = load_file(str(checkpoint_dirs(tmp_path / "split")[-1] / STUDENT_NAME))
+    b = load_file(str(checkpoint_dirs(tmp_path / "straight")[-1] / STUDENT_NAME))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the stop flag itself
