@@ -13,7 +13,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,45 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise MtScaleError(
             f"{path}: cannot be written ({os_error_message(exc)}); choose a writable run.output_dir with free space"
+        ) from None
+
+
+def prepare_run_dir(run_dir: Path, *, remove: tuple[str, ...] = ()) -> Path | None:
+    """Create `run_dir` and delete the files or folders named in `remove` from it.
+
+    Returns the topmost folder this created (None if `run_dir` existed), for cleanup when the run
+    fails. An OS error is one MtScaleError naming `run_dir`.
+    """
+    import shutil
+
+    missing = [path for path in (run_dir, *run_dir.parents) if not os.path.lexists(path)]
+    created = missing[-1] if missing else None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in remove:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    except OSError as exc:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise MtScaleError(
+            f"{run_dir}: cannot create the run folder ({os_error_message(exc)}); "
+            "choose a writable run.output_dir (--set run.output_dir=DIR)"
+        ) from None
+    return created
+
+
+def written(path: Path, write: Callable[[], Any]) -> Any:
+    """`write()`, with an OS error or a library's write failure turned into one line naming `path`."""
+    try:
+        return write()
+    except MtScaleError:
+        raise
+    except Exception as exc:
+        reason = os_error_message(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
+        raise MtScaleError(
+            f"{path}: cannot be written ({reason}); free space in or choose another run.output_dir, "
+            "then finish the run with --resume"
         ) from None
 
 

@@ -15,6 +15,11 @@ steps over the same labeled stream with the same schedules; the teacher is still
 student and is evaluated too. (A config with data.labeled_per_batch == data.batch_size gives
 all-labeled batches directly; the labeled split then defines the epoch.)
 
+Failures are one line (main): a user error, a bad checkpoint or an OS error on the run folder exit
+with status 2, Ctrl-C with 130; a run that fails before its first checkpoint removes the run folder
+it created. SIGTERM (pre-emption) writes a checkpoint at the next step boundary, all ranks agreeing
+on the step, and exits with 143 (mt_scale.preemption); `--resume` then continues exactly.
+
 `optim.lr` is per device: the run uses `scale_for_world_size` (lr x processes x accumulation
 steps, the reference's linear scaling), and report.json records the LR actually used.
 """
@@ -56,8 +61,10 @@ from mt_scale.report import (
     eval_line,
     flat_hparams,
     plot_curves,
+    prepare_run_dir,
     summary_line,
     write_report,
+    written,
 )
 
 TENSORBOARD_DIR = "tensorboard"
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             keep=args.keep,
             progress=not args.no_progress,
             stop_after_steps=args.stop_after_steps,
+            handle_sigterm=True,
         )
     except (MtScaleError, PipelineError, ShardFormatError) as exc:
         _stderr_line(f"error: {exc}")
@@ -166,8 +174,13 @@ def train(
     keep: int | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    handle_sigterm: bool = False,
 ) -> TrainResult:
-    """Run (or continue, with `resume`) one training run described by `cfg`; see the module docstring."""
+    """Run (or continue, with `resume`) one training run described by `cfg`; see the module docstring.
+
+    With `handle_sigterm` (what mt-train does), SIGTERM stops the run at the next step boundary with a
+    checkpoint; the result's report then holds `stopped_by: "SIGTERM"`, `stopped_at_step` and `checkpoint`.
+    """
     from accelerate import Accelerator
 
     if not cfg.run.shards:
@@ -186,7 +199,7 @@ def train(
         project_dir=str(run_dir),
     )
     created = _prepare_run_dir(accelerator, run_dir, resuming=resume is not None)
-    stop = StopRequest().install()
+    stop = StopRequest().install() if handle_sigterm else StopRequest()
     try:
         return _run(cfg, accelerator, run_dir, stop, resume=resume, keep=keep, progress=progress,
                     stop_after_steps=stop_after_steps)
@@ -425,7 +438,7 @@ def _run(
     checkpoint_now()
     report: dict[str, Any] = {}
     if main_process:
-        export_path = _written(run_dir / EXPORT_NAME, lambda: export_teacher(teacher, run_dir / EXPORT_NAME))
+        export_path = written(run_dir / EXPORT_NAME, lambda: export_teacher(teacher, run_dir / EXPORT_NAME))
         report = build_report(
             cfg, run_dir, state, last_eval, total_steps=total_steps, wall_seconds=wall,
             world_size=accelerator.num_processes, device=str(accelerator.device),
@@ -434,7 +447,7 @@ def _run(
         report["config"] = resolved
         write_report(run_dir, report)
         title = f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}"
-        _written(run_dir / CURVES_NAME, lambda: plot_curves(run_dir, title=title))
+        written(run_dir / CURVES_NAME, lambda: plot_curves(run_dir, title=title))
         print(summary_line(report), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also ends the process group: no collective after this
@@ -461,21 +474,6 @@ def _checked_labels(batches: Iterable[dict], num_classes: int, shards: str, spli
         yield batch
 
 
-def _written(path: Path, write: Any) -> Any:
-    """`write()`, with an OS error or a library's write failure turned into one line naming `path`."""
-    try:
-        return write()
-    except (MtScaleError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        reason = os_error_message(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
-        raise MtScaleError(
-            f"{path}: cannot be written ({reason}); free space in or choose another run.output_dir, "
-            "then finish the run with --resume"
-        ) from None
-
-
-
 def _prepare_run_dir(accelerator: Any, run_dir: Path, *, resuming: bool) -> Path | None:
     """Create `run_dir` (main process); returns the topmost folder this created, None if it existed."""
     created = None
@@ -485,22 +483,9 @@ def _prepare_run_dir(accelerator: Any, run_dir: Path, *, resuming: bool) -> Path
                 f"{run_dir}: already holds a run with checkpoints; continue it with --resume or "
                 "choose another folder with --set run.output_dir=DIR"
             )
-        missing = [path for path in (run_dir, *run_dir.parents) if not os.path.lexists(path)]
-        created = missing[-1] if missing else None
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not resuming:
-                # leftovers of a run killed before its first checkpoint
-                for name in (METRICS_NAME, REPORT_NAME, CURVES_NAME, EXPORT_NAME, TENSORBOARD_DIR):
-                    target = run_dir / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        except OSError as exc:
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
-            raise MtScaleError(
-                f"{run_dir}: cannot create the run folder ({os_error_message(exc)}); "
-                "choose a writable run.output_dir (--set run.output_dir=DIR)"
-            ) from None
+        # a new run removes what one killed before its first checkpoint left
+        leftovers = (METRICS_NAME, REPORT_NAME, CURVES_NAME, EXPORT_NAME, TENSORBOARD_DIR)
+        created = prepare_run_dir(run_dir, remove=() if resuming else leftovers)
     accelerator.wait_for_everyone()
     return created
 

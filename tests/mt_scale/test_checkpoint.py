@@ -291,6 +291,26 @@ def test_read_only_output_dir_is_one_line(digits_shards: Path, tmp_path: Path, c
     assert status == 2 and err.count("\n") == 1 and str(locked / "run") in err, err
 
 
+def test_permission_denied_on_config_is_one_line(
+    digits_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # root ignores file modes, so the refusal is simulated where the first file of the run is written
+    write_text = Path.write_text
+
+    def refuse(self: Path, *args, **kwargs):
+        if self.name == ".config.yaml.tmp":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    run = tmp_path / "run"
+    status = main(argv(digits_shards, run))
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert str(run / "config.yaml") in err and "Permission denied" in err
+    assert not run.exists()
+
+
 def test_full_disk_while_checkpointing_leaves_nothing(
     digits_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
