@@ -35,6 +35,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.installed = False
         self._previous: dict[int, Any] = {}
 
     @property
@@ -45,12 +46,14 @@ class StopRequest:
         # signal.signal works in the main thread only; elsewhere (a caller's thread) SIGTERM keeps its default.
         if threading.current_thread() is threading.main_thread():
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            self.installed = True
         return self
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        self.installed = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -65,7 +68,7 @@ class StopRequest:
 
     def agreed(self, accelerator: Any) -> bool:
         """True on every rank when any rank was signalled; call on every rank at the same step."""
-        if accelerator.num_processes == 1:
+        if not self.installed or accelerator.num_processes == 1:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
