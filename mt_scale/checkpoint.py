@@ -266,8 +266,9 @@ def load_checkpoint(
             f"{expected_classes[:5]}...; resume with the shard set the run was started on"
         )
     data_state = _read_json(data_file)
-    if not isinstance(data_state, dict):
-        raise MtScaleError(f"{data_file}: not a data position (a JSON object); {_RESTART}")
+    mismatch = _shape_mismatch(data_state, loaders.state_dict(), "position")
+    if mismatch:
+        raise MtScaleError(f"{data_file}: not a data position of these loaders ({mismatch}); {_RESTART}")
 
     # 2. Weights: safetensors only, and they must fit the models built from the config.
     student = accelerator._models[0]  # the prepared model save_state wrote (its keys, DDP prefix included)
@@ -303,6 +304,33 @@ def load_checkpoint(
     except Exception as exc:
         raise MtScaleError(f"{data_file}: not a valid data position ({_reason(exc)}); {_RESTART}") from None
     state.load_state_dict(loaded.state_dict())
+
+
+def _shape_mismatch(saved: Any, fresh: Any, where: str) -> str | None:
+    """Where `saved` differs in structure or type from `fresh` (the loaders' own state dict), or None.
+
+    Keys only one side has are left to the loaders; list lengths may differ (another worker count).
+    """
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return f"{where} is not an object"
+        for key in saved.keys() & fresh.keys():
+            if found := _shape_mismatch(saved[key], fresh[key], f"{where}.{key}"):
+                return found
+        return None
+    if isinstance(fresh, list):
+        if not isinstance(saved, list):
+            return f"{where} is not a list"
+        for index, item in enumerate(saved):
+            if fresh and (found := _shape_mismatch(item, fresh[0], f"{where}[{index}]")):
+                return found
+        return None
+    numbers = (int, float) if isinstance(fresh, float) else (type(fresh),)
+    if fresh is not None and (
+        not isinstance(saved, numbers) or isinstance(saved, bool) != isinstance(fresh, bool)
+    ):
+        return f"{where} is {type(saved).__name__}, expected {type(fresh).__name__}"
+    return None
 
 
 def _read_json(path: Path) -> Any:

@@ -174,6 +174,19 @@ def test_invalid_rng_state_is_not_skipped(
     assert str(target) in line and "not be exact" in line
 
 
+def test_data_position_of_wrong_shape_is_refused(
+    run_copy, digits_shards: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # valid JSON that the loaders would only trip over mid-epoch, with a traceback
+    run, checkpoint = run_copy
+    target = checkpoint / data_state_name(0)
+    position = json.loads(target.read_text())
+    position["train"]["worker_batches"] = ["3"]
+    target.write_text(json.dumps(position))
+    line = resume_fails(digits_shards, run, capsys)
+    assert str(target) in line and "position.train.worker_batches[0] is str" in line
+
+
 def test_another_model_is_refused(run_copy, digits_shards: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run, checkpoint = run_copy
     line = resume_fails(digits_shards, run, capsys, "--set", "model.name=mt_digits_cnn")
