@@ -1,24 +1,36 @@
 """Checkpoints (resume a killed run exactly) and the exported teacher (what a user ships).
 
-A checkpoint is one folder `run_dir/checkpoints/step-NNNNNNNN/` written by Accelerate's
-`save_state`: the prepared student, optimizer, LR scheduler, gradient-scaler and per-rank RNG
-states, plus the objects registered with `register_for_checkpointing` (here the teacher and the
-`TrainState`: step, epoch, batches consumed, throughput counters, class names). Each rank adds its
-own data position, `data_state_<rank>.pt`, since each rank reads different shards. The folder is
-written under a temporary name and renamed once every rank has finished, so a run killed while
-saving never leaves a half checkpoint that `--resume` would pick up. Ranks must share a file
-system (the same rule as Accelerate's own checkpoints).
+A checkpoint is one folder `run_dir/checkpoints/step-NNNNNNNN/`. Accelerate's `save_state` writes
+the prepared student (`model.safetensors`), the optimizer, LR scheduler and gradient scaler
+(`optimizer.bin`, `scheduler.bin`, `scaler.pt`) and each rank's RNG states
+(`random_states_<rank>.pkl`); we add the EMA teacher (`ema_teacher.safetensors`), where the loop
+is (`train_state.json`: step, epoch, counters, class names, model) and each rank's data position
+(`data_state_<rank>.json`, the loaders' plain state dict), since each rank reads different samples.
+
+A checkpoint may come from someone else, so loading it must never run code. We read every file
+ourselves instead of calling Accelerate's `load_state` (which unpickles registered objects with
+weights_only=False and skips an unreadable RNG file silently): weights through safetensors, our
+state as JSON, and Accelerate's pickles through `torch.load(weights_only=True)`, the RNG file with
+an allowlist of exactly the numpy types its MT19937 state needs. Any file that is missing, damaged,
+hostile or from another run is refused with one line naming it (MtScaleError).
+
+The folder is written under a temporary name and renamed once every rank has finished, so a run
+killed while saving never leaves a half checkpoint that `--resume` would pick up. Ranks must share
+a file system (the same rule as Accelerate's own checkpoints).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from mt_scale.errors import MtScaleError
@@ -28,12 +40,30 @@ if TYPE_CHECKING:
 
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_NAME = "teacher.safetensors"
+TRAIN_STATE_NAME = "train_state.json"
+TEACHER_NAME = "ema_teacher.safetensors"
+STUDENT_NAME = "model.safetensors"  # Accelerate's names for what save_state writes
+OPTIMIZER_NAME = "optimizer.bin"
+SCHEDULER_NAME = "scheduler.bin"
+SCALER_NAME = "scaler.pt"
+FORMAT_VERSION = 2  # 1: pickled TrainState/teacher/data position (no longer loaded: they can run code)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_OLD_FORMAT_FILES = ("custom_checkpoint_0.pkl", "data_state_0.pt")
+_RESTART = "resume from another checkpoint (--resume DIR) or start a new run in another run.output_dir"
+
+# What an RNG file holds beyond tensors and Python scalars: numpy's MT19937 state array.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
+_RNG_SAFE_GLOBALS: list[Any] = [
+    _NUMPY_CORE.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    np.dtypes.UInt32DType,
+]
 
 
 @dataclass
 class TrainState:
-    """Where the loop is; saved in every checkpoint through `register_for_checkpointing`."""
+    """Where the loop is; saved as train_state.json in every checkpoint."""
 
     step: int = 0  # optimizer steps done (the reference's global_step)
     epoch: int = 0  # epoch being trained
@@ -46,13 +76,35 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    def load_state_dict(self, state: dict[str, Any], source: str | Path = "state") -> None:
+        """Set the fields from `state` (train_state.json's "state"), checking every type first."""
+        known = {f.name: f for f in fields(self)}
+        values = {}
+        for name, spec in known.items():
+            value = state.get(name) if isinstance(state, dict) else None
+            if spec.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            expected = {"int": int, "float": float, "list[str]": list}[spec.type]
+            ok = isinstance(value, expected) and not isinstance(value, bool)
+            if ok and spec.type == "list[str]":
+                ok = all(isinstance(item, str) for item in value)
+            if ok and spec.type == "int":
+                ok = value >= 0
+            if not ok:
+                raise MtScaleError(
+                    f"{source}: field {name!r} is missing or not a valid {spec.type}; {_RESTART}"
+                )
+            values[name] = value
+        for name, value in values.items():
+            setattr(self, name, value)
 
 
 def data_state_name(rank: int) -> str:
-    return f"data_state_{rank}.pt"
+    return f"data_state_{rank}.json"
+
+
+def rng_state_name(rank: int) -> str:
+    return f"random_states_{rank}.pkl"
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -70,7 +122,7 @@ def resolve_checkpoint(resume: str | Path, run_dir: str | Path) -> Path:
     An empty DIR means the run's own output folder; a run folder means its latest checkpoint.
     """
     target = Path(resume) if str(resume) else Path(run_dir)
-    if (target / data_state_name(0)).is_file():
+    if any((target / name).is_file() for name in (TRAIN_STATE_NAME, *_OLD_FORMAT_FILES)):
         return target
     found = checkpoint_dirs(target)
     if not found:
@@ -82,17 +134,49 @@ def resolve_checkpoint(resume: str | Path, run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, run_dir: str | Path, state: TrainState, loaders: Any, keep: int = 0
+    accelerator: Accelerator,
+    run_dir: str | Path,
+    state: TrainState,
+    loaders: Any,
+    teacher: torch.nn.Module,
+    *,
+    model_name: str,
+    num_classes: int,
+    keep: int = 0,
 ) -> Path:
-    """Write `checkpoints/step-<step>/` on every rank, then keep only the newest `keep` (0 = all)."""
+    """Write `checkpoints/step-<step>/` on every rank, then keep only the newest `keep` (0 = all).
+
+    A failure while writing (a full disk, Ctrl-C) removes the temporary folder and raises
+    MtScaleError (or the KeyboardInterrupt) with the folder named.
+    """
+    from safetensors.torch import save_model
+
     root = Path(run_dir) / CHECKPOINTS_DIR
     name = f"step-{state.step:08d}"
     final, tmp = root / name, root / f".{name}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    torch.save(loaders.state_dict(), tmp / data_state_name(accelerator.process_index))
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        data_state = json.dumps(loaders.state_dict())
+        (tmp / data_state_name(accelerator.process_index)).write_text(data_state)
+        if accelerator.is_main_process:
+            save_model(teacher, str(tmp / TEACHER_NAME), metadata={"format": "pt"})
+            record = {
+                "format": FORMAT_VERSION,
+                "model": {"name": model_name, "num_classes": num_classes},
+                "state": state.state_dict(),
+            }
+            (tmp / TRAIN_STATE_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, MtScaleError):
+            raise MtScaleError(
+                f"{tmp}: writing the checkpoint failed ({_reason(exc)}); free space in or choose another "
+                "run.output_dir, then continue with --resume"
+            ) from None
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -105,28 +189,206 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainState, loaders: Any) -> None:
-    """Restore everything `save_checkpoint` wrote; `state` must already be registered for checkpointing."""
-    data_file = checkpoint / data_state_name(accelerator.process_index)
+def load_checkpoint(
+    accelerator: Accelerator,
+    checkpoint: Path,
+    state: TrainState,
+    loaders: Any,
+    teacher: torch.nn.Module,
+    *,
+    model_name: str,
+    num_classes: int,
+) -> None:
+    """Restore everything `save_checkpoint` wrote, refusing any file that is not what it should be.
+
+    `state.class_names` must hold the current shard set's classes (they are checked, then replaced).
+    """
+    from safetensors.torch import load_model
+
+    rank = accelerator.process_index
+    if not (checkpoint / TRAIN_STATE_NAME).is_file() and any(
+        (checkpoint / n).is_file() for n in _OLD_FORMAT_FILES
+    ):
+        raise MtScaleError(
+            f"{checkpoint}: written by an older mt-scale whose state files are pickles, which are not loaded "
+            f"(they could run code); start a new run in another run.output_dir"
+        )
+    data_file = checkpoint / data_state_name(rank)
     if not data_file.is_file():
         raise MtScaleError(
-            f"{data_file}: missing; this checkpoint was written by fewer processes than the "
-            f"{accelerator.num_processes} launched now; resume with the same number of processes"
+            f"{data_file}: missing; either this checkpoint was written by fewer processes than the "
+            f"{accelerator.num_processes} launched now (resume with the same number of processes) or it is "
+            f"incomplete ({_RESTART})"
+        )
+    wanted = [
+        TRAIN_STATE_NAME,
+        STUDENT_NAME,
+        TEACHER_NAME,
+        OPTIMIZER_NAME,
+        SCHEDULER_NAME,
+        rng_state_name(rank),
+    ]
+    if accelerator.scaler is not None:
+        wanted.append(SCALER_NAME)
+    for name in wanted:
+        if not (checkpoint / name).is_file():
+            raise MtScaleError(f"{checkpoint / name}: missing; the checkpoint is incomplete; {_RESTART}")
+
+    # 1. Where the loop was, and whether the checkpoint belongs to this run at all.
+    state_file = checkpoint / TRAIN_STATE_NAME
+    record = _read_json(state_file)
+    saved_model = record.get("model") if isinstance(record, dict) else None
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != FORMAT_VERSION
+        or not isinstance(saved_model, dict)
+    ):
+        raise MtScaleError(
+            f"{state_file}: not an mt-scale checkpoint record (format {FORMAT_VERSION}); {_RESTART}"
+        )
+    if (saved_model.get("name"), saved_model.get("num_classes")) != (model_name, num_classes):
+        raise MtScaleError(
+            f"{state_file}: written for model {saved_model.get('name')!r} with {saved_model.get('num_classes')} "
+            f"classes, this run builds {model_name!r} with {num_classes}; resume with the model.name and shard "
+            f"set the run was started with, or start a new run in another run.output_dir"
         )
     expected_classes = list(state.class_names)
-    accelerator.load_state(str(checkpoint))
-    if state.world_size != accelerator.num_processes:
+    loaded = TrainState()
+    loaded.load_state_dict(record.get("state"), source=state_file)
+    if loaded.world_size != accelerator.num_processes:
         raise MtScaleError(
-            f"{checkpoint}: written by {state.world_size} processes, resumed with "
+            f"{checkpoint}: written by {loaded.world_size} processes, resumed with "
             f"{accelerator.num_processes}; resume with the same number of processes"
         )
-    if expected_classes and list(state.class_names) != expected_classes:
+    if expected_classes and loaded.class_names != expected_classes:
         raise MtScaleError(
-            f"{checkpoint}: trained on classes {state.class_names[:5]}..., the shard set has "
+            f"{checkpoint}: trained on classes {loaded.class_names[:5]}..., the shard set has "
             f"{expected_classes[:5]}...; resume with the shard set the run was started on"
         )
-    # Our own file, holding plain Python/numpy position counters: not a weights-only pickle.
-    loaders.load_state_dict(torch.load(data_file, map_location="cpu", weights_only=False))
+    data_state = _read_json(data_file)
+    mismatch = _shape_mismatch(data_state, loaders.state_dict(), "position")
+    if mismatch:
+        raise MtScaleError(f"{data_file}: not a data position of these loaders ({mismatch}); {_RESTART}")
+
+    # 2. Weights: safetensors only, and they must fit the models built from the config.
+    student = accelerator._models[0]  # the prepared model save_state wrote (its keys, DDP prefix included)
+    for model, name in ((student, STUDENT_NAME), (teacher, TEACHER_NAME)):
+        path = checkpoint / name
+        try:
+            load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+        except Exception as exc:
+            raise MtScaleError(
+                f"{path}: does not hold weights of {model_name!r} with {num_classes} classes "
+                f"({_reason(exc)}); {_RESTART}"
+            ) from None
+
+    # 3. Accelerate's pickles, weights_only: tensors, containers and Python scalars only.
+    optimizer, scheduler = accelerator._optimizers[0], accelerator._schedulers[0]
+    _apply(checkpoint / OPTIMIZER_NAME, optimizer.load_state_dict, "optimizer (optim.name and model)")
+    _apply(checkpoint / SCHEDULER_NAME, scheduler.load_state_dict, "LR scheduler")
+    if accelerator.scaler is not None:
+        _apply(checkpoint / SCALER_NAME, accelerator.scaler.load_state_dict, "gradient scaler")
+    rng_file = checkpoint / rng_state_name(rank)
+    rng = _torch_load(rng_file, _RNG_SAFE_GLOBALS)
+    try:
+        accelerator_step = _restore_rng(rng)
+    except Exception as exc:
+        raise MtScaleError(
+            f"{rng_file}: not a valid RNG state ({_reason(exc)}); resume would not be exact; {_RESTART}"
+        ) from None
+    accelerator.step = accelerator_step
+
+    # 4. The data position (plain ints, lists and strings; DALI's part is base64 text).
+    try:
+        loaders.load_state_dict(data_state)
+    except Exception as exc:
+        raise MtScaleError(f"{data_file}: not a valid data position ({_reason(exc)}); {_RESTART}") from None
+    state.load_state_dict(loaded.state_dict())
+
+
+def _shape_mismatch(saved: Any, fresh: Any, where: str) -> str | None:
+    """Where `saved` differs in structure or type from `fresh` (the loaders' own state dict), or None.
+
+    Keys only one side has are left to the loaders; list lengths may differ (another worker count).
+    """
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return f"{where} is not an object"
+        for key in saved.keys() & fresh.keys():
+            if found := _shape_mismatch(saved[key], fresh[key], f"{where}.{key}"):
+                return found
+        return None
+    if isinstance(fresh, list):
+        if not isinstance(saved, list):
+            return f"{where} is not a list"
+        for index, item in enumerate(saved):
+            if fresh and (found := _shape_mismatch(item, fresh[0], f"{where}[{index}]")):
+                return found
+        return None
+    numbers = (int, float) if isinstance(fresh, float) else (type(fresh),)
+    if fresh is not None and (
+        not isinstance(saved, numbers) or isinstance(saved, bool) != isinstance(fresh, bool)
+    ):
+        return f"{where} is {type(saved).__name__}, expected {type(fresh).__name__}"
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except OSError as exc:
+        raise MtScaleError(f"{path}: cannot be read ({exc.strerror}); {_RESTART}") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError: damaged or not JSON at all
+        raise MtScaleError(f"{path}: damaged or not JSON ({_reason(exc)}); {_RESTART}") from None
+
+
+def _torch_load(path: Path, safe_globals: list[Any] | None = None) -> Any:
+    """torch.load(weights_only=True), with `safe_globals` allowed for this one call only."""
+    try:
+        with torch.serialization.safe_globals(safe_globals or []):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise MtScaleError(
+            f"{path}: damaged, or holds objects a checkpoint never contains, so it was not loaded "
+            f"({_reason(exc)}); {_RESTART}"
+        ) from None
+
+
+def _apply(path: Path, load_state_dict: Any, what: str) -> None:
+    content = _torch_load(path)
+    try:
+        load_state_dict(content)
+    except Exception as exc:
+        raise MtScaleError(f"{path}: does not fit this run's {what} ({_reason(exc)}); {_RESTART}") from None
+
+
+def _restore_rng(states: Any) -> int:
+    """Set Python, numpy, torch (and CUDA) RNG states as Accelerate saved them; returns its step count."""
+    if not isinstance(states, dict):
+        raise TypeError(f"expected a dict, got {type(states).__name__}")
+    step = states["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise TypeError("'step' is not a count")
+    random.setstate(states["random_state"])
+    np.random.set_state(states["numpy_random_seed"])
+    torch.set_rng_state(states["torch_manual_seed"])
+    if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
+        torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+    return step
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message, shortened: enough to tell damage from a mismatch."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if text.endswith(":") and len(lines) > 1:  # a heading; the first detail says what is wrong
+        text = f"{text} {lines[1]}"
+    if "Weights only load failed" in text:
+        detail = next(
+            (line for line in lines if "unsupported" in line.lower() or "can only build" in line.lower()), ""
+        )
+        text = f"not weights-only: {detail}" if detail else "not weights-only"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def export_teacher(teacher: torch.nn.Module, path: str | Path) -> Path:
@@ -136,8 +398,14 @@ def export_teacher(teacher: torch.nn.Module, path: str | Path) -> Path:
     from mt_scale.model import export_class_head_state_dict
 
     path = Path(path)
-    state = {key: value.detach().cpu().contiguous() for key, value in export_class_head_state_dict(teacher).items()}
+    state = {
+        key: value.detach().cpu().contiguous() for key, value in export_class_head_state_dict(teacher).items()
+    }
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

@@ -11,8 +11,11 @@ import sys
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    from mt_scale.train import main
-
+    try:
+        from mt_scale.train import main
+    except KeyboardInterrupt:  # Ctrl-C while torch is still importing: one line, as in training
+        print("mt-train: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return main(sys.argv[1:] if argv is None else argv)
 
 

@@ -1,19 +1,23 @@
 """A run's written record: metrics.csv (one row per log step or evaluation), report.json, curves.png.
 
 Only the main process writes; every file is written under a temporary name and renamed when
-complete, except metrics.csv, which is appended row by row and trimmed back to the resumed step
-when a run continues from a checkpoint (so no row is ever duplicated).
+complete, so a crash or a full disk never leaves half a file. metrics.csv is rewritten that way
+with each new row (a few thousand short rows even for ImageNet: cheap) and is trimmed back to the
+resumed step when a run continues from a checkpoint, so no row is ever duplicated.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from mt_scale.errors import MtScaleError, os_error_message
 
 METRICS_NAME = "metrics.csv"
 REPORT_NAME = "report.json"
@@ -42,50 +46,108 @@ METRIC_FIELDS = (
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary name in the same folder, then rename."""
+    """Write `text` to `path` through a temporary name in the same folder, then rename.
+
+    An OS error (no permission, no space) removes the temporary file and raises MtScaleError naming `path`.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise MtScaleError(
+            f"{path}: cannot be written ({os_error_message(exc)}); choose a writable run.output_dir with free space"
+        ) from None
+
+
+def prepare_run_dir(run_dir: Path, *, remove: tuple[str, ...] = ()) -> Path | None:
+    """Create `run_dir` and delete the files or folders named in `remove` from it.
+
+    Returns the topmost folder this created (None if `run_dir` existed), for cleanup when the run
+    fails. An OS error is one MtScaleError naming `run_dir`.
+    """
+    import shutil
+
+    missing = [path for path in (run_dir, *run_dir.parents) if not os.path.lexists(path)]
+    created = missing[-1] if missing else None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in remove:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    except OSError as exc:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise MtScaleError(
+            f"{run_dir}: cannot create the run folder ({os_error_message(exc)}); "
+            "choose a writable run.output_dir (--set run.output_dir=DIR)"
+        ) from None
+    return created
+
+
+def written(path: Path, write: Callable[[], Any]) -> Any:
+    """`write()`, with an OS error or a library's write failure turned into one line naming `path`."""
+    try:
+        return write()
+    except MtScaleError:
+        raise
+    except Exception as exc:
+        reason = os_error_message(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
+        raise MtScaleError(
+            f"{path}: cannot be written ({reason}); free space in or choose another run.output_dir, "
+            "then finish the run with --resume"
+        ) from None
 
 
 class MetricsWriter:
-    """Appends rows with the fixed METRIC_FIELDS columns to `run_dir/metrics.csv`."""
+    """Rows with the fixed METRIC_FIELDS columns in `run_dir/metrics.csv`, rewritten whole per row."""
 
     def __init__(self, run_dir: str | Path, *, resume_step: int | None = None) -> None:
         self.path = Path(run_dir) / METRICS_NAME
+        self._rows: list[dict[str, str]] = []
         if resume_step is not None and self.path.is_file():
-            self._trim(resume_step)
-        new_file = not self.path.is_file()
-        self._file = open(self.path, "a", newline="")  # noqa: SIM115 - kept open for the run
-        self._writer = csv.DictWriter(self._file, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-        if new_file:
-            self._writer.writeheader()
-            self._file.flush()
-
-    def _trim(self, resume_step: int) -> None:
-        # Rows past the checkpoint were written by the killed run; the resumed run writes them again.
-        rows = read_metrics(self.path)
-        kept = [row for row in rows if row["step"] is not None and row["step"] <= resume_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            for row in kept:
-                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-        os.replace(tmp, self.path)
+            # Rows past the checkpoint were written by the killed run; the resumed run writes them again.
+            self._rows = [row for row in _raw_rows(self.path) if _step_at_most(row, resume_step)]
+        self._save()
 
     def write(self, row: Mapping[str, object]) -> None:
         clean = {}
         for key, value in row.items():
             if isinstance(value, float):
                 value = f"{value:.6g}"
-            clean[key] = value
-        self._writer.writerow(clean)
-        self._file.flush()
+            clean[key] = "" if value is None else str(value)
+        self._rows.append(clean)
+        self._save()
+
+    def _save(self) -> None:
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self._rows)
+        atomic_write_text(self.path, buffer.getvalue())
 
     def close(self) -> None:
-        self._file.close()
+        """Nothing to release: every row is on disk once `write` returns."""
+
+
+def _raw_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as handle:
+            return [dict(row) for row in csv.DictReader(handle)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise MtScaleError(
+            f"{path}: cannot be read as the run's metrics log ({exc}); move it away to start the log afresh "
+            "(the checkpoint does not need it)"
+        ) from None
+
+
+def _step_at_most(row: dict[str, str], step: int) -> bool:
+    try:
+        return float(row.get("step") or "nan") <= step
+    except ValueError:
+        return False
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float | str | None]]:

@@ -15,6 +15,11 @@ steps over the same labeled stream with the same schedules; the teacher is still
 student and is evaluated too. (A config with data.labeled_per_batch == data.batch_size gives
 all-labeled batches directly; the labeled split then defines the epoch.)
 
+Failures are one line (main): a user error, a bad checkpoint or an OS error on the run folder exit
+with status 2, Ctrl-C with 130; a run that fails before its first checkpoint removes the run folder
+it created. SIGTERM (pre-emption) writes a checkpoint at the next step boundary, all ranks agreeing
+on the step, and exits with 143 (mt_scale.preemption); `--resume` then continues exactly.
+
 Batch sizes and `optim.lr` are global or per device (`run.batch_scope`); `resolve_for_devices`
 gives this rank's micro-batch, the gradient accumulation and the peak LR, and report.json records them.
 """
@@ -27,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +48,23 @@ from mt_scale.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from mt_scale.errors import MtScaleError
+from mt_scale.errors import MtScaleError, os_error_message
 from mt_scale.evaluate import evaluate
+from mt_scale.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest, next_batch
 from mt_scale.report import (
+    CURVES_NAME,
+    METRICS_NAME,
+    REPORT_NAME,
     MetricsWriter,
+    atomic_write_text,
     build_report,
     eval_line,
     flat_hparams,
     plot_curves,
+    prepare_run_dir,
     summary_line,
     write_report,
+    written,
 )
 
 TENSORBOARD_DIR = "tensorboard"
@@ -105,7 +118,11 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point shared by `mt-train` and `python -m mt_scale.train`; returns the exit status."""
+    """Entry point shared by `mt-train` and `python -m mt_scale.train`; returns the exit status.
+
+    0: done (or stopped by --stop-after-steps); 2: a user error, one line on stderr; 130: Ctrl-C;
+    143 (EXIT_PREEMPTED): SIGTERM, a checkpoint was written, continue with --resume.
+    """
     from pipelines.errors import PipelineError
     from shard_tools.format import ShardFormatError
 
@@ -117,26 +134,37 @@ def main(argv: list[str] | None = None) -> int:
 
             sys.stdout.write(config_to_yaml(cfg))
             return 0
-        train(
+        result = train(
             cfg,
             resume=args.resume,
             keep=args.keep,
             progress=not args.no_progress,
             stop_after_steps=args.stop_after_steps,
+            handle_sigterm=True,
         )
     except (MtScaleError, PipelineError, ShardFormatError) as exc:
-        _error_line(exc)
+        _stderr_line(f"error: {exc}")
         return 2
+    except OSError as exc:
+        _stderr_line(f"error: {os_error_message(exc)}; choose a writable run.output_dir with free space")
+        return 2
+    except KeyboardInterrupt:
+        _stderr_line("interrupted (Ctrl-C); checkpoints already written are kept: continue with --resume")
+        return EXIT_INTERRUPTED
+    if result.report.get("stopped_by") == "SIGTERM":
+        _stderr_line(
+            f"stopped by SIGTERM after step {result.report['stopped_at_step']}; checkpoint "
+            f"{result.report['checkpoint']} written: continue with --resume"
+        )
+        return EXIT_PREEMPTED
     return 0
 
 
-def _error_line(exc: Exception) -> None:
-    # Every rank hits the same user error; one line from the first process is enough.
-    import os
-
+def _stderr_line(text: str) -> None:
+    # Every rank hits the same error or signal; one line from the first process is enough.
     if os.environ.get("RANK", "0") == "0":
-        message = " ".join(str(exc).split())
-        print(f"mt-train: error: {message}", file=sys.stderr)
+        message = " ".join(str(text).split())
+        print(f"mt-train: {message}", file=sys.stderr, flush=True)
 
 
 def train(
@@ -146,18 +174,14 @@ def train(
     keep: int | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    handle_sigterm: bool = False,
 ) -> TrainResult:
-    """Run (or continue, with `resume`) one training run described by `cfg`; see the module docstring."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    """Run (or continue, with `resume`) one training run described by `cfg`; see the module docstring.
 
-    from mt_scale.config import config_to_dict, config_to_yaml, plan_devices, resolve_for_devices
-    from mt_scale.losses import consistency_weight, mean_teacher_loss
-    from mt_scale.model import compile_model, create_model
-    from mt_scale.optim import create_optimizer, create_scheduler
-    from mt_scale.teacher import create_teacher, sync_teacher_buffers, update_teacher
-    from pipelines import build_loaders, normalize
+    With `handle_sigterm` (what mt-train does), SIGTERM stops the run at the next step boundary with a
+    checkpoint; the result's report then holds `stopped_by: "SIGTERM"`, `stopped_at_step` and `checkpoint`.
+    """
+    from accelerate import Accelerator
 
     if not cfg.run.shards:
         raise MtScaleError("run.shards is empty: pack a shard set with mt-shard pack, then --set run.shards=DIR")
@@ -174,9 +198,42 @@ def train(
         log_with="tensorboard",
         project_dir=str(run_dir),
     )
-    main_process = accelerator.is_main_process
-    _prepare_run_dir(accelerator, run_dir, resuming=resume is not None)
+    created = _prepare_run_dir(accelerator, run_dir, resuming=resume is not None)
+    stop = StopRequest().install() if handle_sigterm else StopRequest()
+    try:
+        return _run(cfg, accelerator, run_dir, stop, resume=resume, keep=keep, progress=progress,
+                    stop_after_steps=stop_after_steps)
+    except BaseException:
+        if accelerator.is_main_process and created is not None and not checkpoint_dirs(run_dir):
+            # a run that failed before its first checkpoint leaves nothing behind
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        stop.restore()
 
+
+def _run(
+    cfg: Any,
+    accelerator: Any,
+    run_dir: Path,
+    stop: StopRequest,
+    *,
+    resume: str | Path | None,
+    keep: int,
+    progress: bool,
+    stop_after_steps: int | None,
+) -> TrainResult:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from mt_scale.config import config_to_dict, config_to_yaml, plan_devices, resolve_for_devices
+    from mt_scale.losses import consistency_weight, mean_teacher_loss
+    from mt_scale.model import compile_model, create_model
+    from mt_scale.optim import create_optimizer, create_scheduler
+    from mt_scale.teacher import create_teacher, sync_teacher_buffers, update_teacher
+    from pipelines import build_loaders, normalize
+
+    main_process = accelerator.is_main_process
     resolved = config_to_dict(cfg)  # as given: what config.yaml and report.json hold
     resolved_yaml = config_to_yaml(cfg)
     device_plan = plan_devices(cfg, accelerator.num_processes)
@@ -213,14 +270,17 @@ def train(
     teacher_forward = compile_model(teacher, cfg.model)  # shares the teacher's tensors; never DDP-wrapped
     set_seed(cfg.run.seed, device_specific=True)  # dropout etc. differ across ranks
     state = TrainState(world_size=accelerator.num_processes, class_names=list(loaders.class_names))
-    accelerator.register_for_checkpointing(teacher, state)
+    model_id = {"model_name": cfg.model.name, "num_classes": num_classes}
+
+    def checkpoint_now() -> Path:
+        return save_checkpoint(accelerator, run_dir, state, loaders, teacher, keep=keep, **model_id)
 
     if resume is not None:
         checkpoint = resolve_checkpoint(resume, run_dir)
-        load_checkpoint(accelerator, checkpoint, state, loaders)
+        load_checkpoint(accelerator, checkpoint, state, loaders, teacher, **model_id)
         accelerator.print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
     if main_process:
-        (run_dir / CONFIG_NAME).write_text(resolved_yaml)
+        atomic_write_text(run_dir / CONFIG_NAME, resolved_yaml)
         metrics = MetricsWriter(run_dir, resume_step=state.step if resume is not None else None)
     accelerator.init_trackers(TENSORBOARD_DIR, config=flat_hparams(resolved))
 
@@ -240,7 +300,16 @@ def train(
         sync_teacher_buffers(unwrapped)
         result: dict[str, float] = {}
         for name, model in (("student", unwrapped), ("teacher", teacher)):
-            scores = evaluate(model, loaders.val, accelerator, mean=mean, std=std, channels_last=channels_last)
+            try:
+                scores = evaluate(model, checked_val(), accelerator, mean=mean, std=std, channels_last=channels_last)
+            except MtScaleError:
+                raise
+            except Exception:
+                if not stop.requested:
+                    raise
+                # the stop signal killed the val loader's workers: this rank evaluates again (its one
+                # all-reduce comes at the end, so the ranks stay in step)
+                scores = evaluate(model, checked_val(), accelerator, mean=mean, std=std, channels_last=channels_last)
             result.update({f"{name}_{key}": value for key, value in scores.items() if key != "count"})
             result["val_count"] = scores["count"]
         row = {"step": state.step, "epoch": state.step / steps_per_epoch, "kind": "eval", **result}
@@ -249,124 +318,134 @@ def train(
         accelerator.log({f"val/{k}": v for k, v in result.items() if k != "val_count"}, step=state.step)
         return result
 
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (main_process and progress), unit="step")
+    def checked_val() -> Iterator[dict]:
+        return _checked_labels(loaders.val, num_classes, cfg.run.shards, "val")
+
     window = {"loss": 0.0, "class": 0.0, "consistency": 0.0, "logit_distance": 0.0, "teacher_class": 0.0}
-    window_batches, window_start, stopped = 0, time.perf_counter(), False
+    window_batches, window_start, stopped_by = 0, time.perf_counter(), None
     run_start = time.perf_counter()
     student.train()
     teacher.train()
-    while state.epoch < cfg.run.epochs and not stopped:
-        loaders.set_epoch(state.epoch)
-        batches = iter(loaders.train)
-        while state.batch_in_epoch < batches_per_epoch:
-            batch_start = time.perf_counter()
-            batch = next(batches)
-            epoch_position = state.epoch + state.batch_in_epoch / batches_per_epoch
-            weight = consistency_weight(cfg.mt, epoch_position)
-            student_in = normalize(
-                batch["student"][:student_rows].to(device, non_blocking=True), mean, std, channels_last=channels_last
-            )
-            teacher_in = normalize(
-                batch["teacher"][:student_rows].to(device, non_blocking=True), mean, std, channels_last=channels_last
-            )
-            labels = batch["label"][:student_rows].to(device, non_blocking=True)
-            try:
-                with accelerator.accumulate(student):
-                    with torch.no_grad(), accelerator.autocast():
-                        # Always run: in train mode this pass updates the teacher's BatchNorm statistics.
-                        teacher_out = teacher_forward(teacher_in)
-                    student_out = student(student_in)
-                    losses = mean_teacher_loss(
-                        student_out,
-                        teacher_out,
-                        labels,
-                        consistency_weight=weight,
-                        consistency=cfg.mt.consistency,
-                        logit_distance_cost=cfg.mt.logit_distance_cost,
-                    )
-                    accelerator.backward(losses["total"])
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            except RuntimeError as exc:
-                raise _memory_error(exc, cfg) from None
-            state.batch_in_epoch += 1
-            state.images_seen += images_per_batch
-            state.train_seconds += time.perf_counter() - batch_start  # loading included: end-to-end rate
-            for key, value in losses.items():
-                window["loss" if key == "total" else key] += float(value.detach())
-            window_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state.step += 1
-            update_teacher(teacher, student, cfg.mt.ema_decay, state.step)
-            if not math.isfinite(window["loss"]):
-                raise MtScaleError(
-                    f"loss is {window['loss']} at step {state.step}: training diverged; lower optim.lr "
-                    "(or mt.consistency_weight) in the preset"
-                )
-            bar.update(1)
-            if state.step % cfg.run.log_every_steps == 0 or state.step == total_steps:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                row = {key: value / window_batches for key, value in window.items()}
-                row = {
-                    "step": state.step,
-                    "epoch": epoch_position,
-                    "kind": "train",
-                    "loss": row["loss"],
-                    "class_loss": row["class"],
-                    "consistency_loss": row["consistency"],
-                    "logit_distance_loss": row["logit_distance"],
-                    "teacher_class_loss": row["teacher_class"],
-                    "consistency_weight": weight,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_sec": window_batches * images_per_batch / elapsed,
-                }
-                if main_process:
-                    metrics.write(row)
-                accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "kind")}, step=state.step)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.3f}", cons=f"{row['consistency_loss']:.3f}",
-                    lr=f"{row['lr']:.3g}", img_s=f"{row['images_per_sec']:.0f}",
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (main_process and progress), unit="step")
+    with bar:  # closed before any error line is printed
+        while state.epoch < cfg.run.epochs and stopped_by is None:
+            loaders.set_epoch(state.epoch)
+            batches = iter(loaders.train)
+            while state.batch_in_epoch < batches_per_epoch:
+                batch_start = time.perf_counter()
+                batch, batches = next_batch(batches, loaders, stop)
+                epoch_position = state.epoch + state.batch_in_epoch / batches_per_epoch
+                weight = consistency_weight(cfg.mt, epoch_position)
+                labels = _checked_label_rows(batch["label"][:student_rows], num_classes, cfg.run.shards, "training")
+                student_in = normalize(
+                    batch["student"][:student_rows].to(device, non_blocking=True), mean, std,
+                    channels_last=channels_last,
                 )  # fmt: skip
-                window = dict.fromkeys(window, 0.0)
-                window_batches, window_start = 0, time.perf_counter()
-            if stop_after_steps is not None and state.step >= stop_after_steps:
-                stopped = True
+                teacher_in = normalize(
+                    batch["teacher"][:student_rows].to(device, non_blocking=True), mean, std,
+                    channels_last=channels_last,
+                )  # fmt: skip
+                labels = labels.to(device, non_blocking=True)
+                try:
+                    with accelerator.accumulate(student):
+                        with torch.no_grad(), accelerator.autocast():
+                            # Always run: in train mode this pass updates the teacher's BatchNorm statistics.
+                            teacher_out = teacher_forward(teacher_in)
+                        student_out = student(student_in)
+                        losses = mean_teacher_loss(
+                            student_out,
+                            teacher_out,
+                            labels,
+                            consistency_weight=weight,
+                            consistency=cfg.mt.consistency,
+                            logit_distance_cost=cfg.mt.logit_distance_cost,
+                        )
+                        accelerator.backward(losses["total"])
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                except RuntimeError as exc:
+                    raise _memory_error(exc, cfg) from None
+                state.batch_in_epoch += 1
+                state.images_seen += images_per_batch
+                state.train_seconds += time.perf_counter() - batch_start  # loading included: end-to-end rate
+                for key, value in losses.items():
+                    window["loss" if key == "total" else key] += float(value.detach())
+                window_batches += 1
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                state.step += 1
+                update_teacher(teacher, student, cfg.mt.ema_decay, state.step)
+                if not math.isfinite(window["loss"]):
+                    raise MtScaleError(
+                        f"loss is {window['loss']} at step {state.step}: training diverged; lower optim.lr "
+                        "(or mt.consistency_weight) in the preset"
+                    )
+                bar.update(1)
+                if state.step % cfg.run.log_every_steps == 0 or state.step == total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    row = {key: value / window_batches for key, value in window.items()}
+                    row = {
+                        "step": state.step,
+                        "epoch": epoch_position,
+                        "kind": "train",
+                        "loss": row["loss"],
+                        "class_loss": row["class"],
+                        "consistency_loss": row["consistency"],
+                        "logit_distance_loss": row["logit_distance"],
+                        "teacher_class_loss": row["teacher_class"],
+                        "consistency_weight": weight,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "images_per_sec": window_batches * images_per_batch / elapsed,
+                    }
+                    if main_process:
+                        metrics.write(row)
+                    accelerator.log(
+                        {f"train/{k}": v for k, v in row.items() if k not in ("step", "kind")}, step=state.step
+                    )
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.3f}", cons=f"{row['consistency_loss']:.3f}",
+                        lr=f"{row['lr']:.3g}", img_s=f"{row['images_per_sec']:.0f}",
+                    )  # fmt: skip
+                    window = dict.fromkeys(window, 0.0)
+                    window_batches, window_start = 0, time.perf_counter()
+                # A step boundary: every rank takes the same decision here (the SIGTERM flag is all-reduced).
+                if stop_after_steps is not None and state.step >= stop_after_steps:
+                    stopped_by = "stop_after_steps"
+                elif stop.agreed(accelerator):
+                    stopped_by = stop.signal_name or "SIGTERM"  # signalled on another rank
+                if stopped_by is not None:
+                    break
+            if stopped_by is not None:
                 break
-        if stopped:
-            break
-        state.epoch += 1
-        state.batch_in_epoch = 0
-        epoch_done = state.epoch
-        if epoch_done < cfg.run.epochs and cfg.run.eval_every_epochs and epoch_done % cfg.run.eval_every_epochs == 0:
-            last_eval = run_eval()
-            if main_process and progress:
-                bar.write(eval_line(state.step, last_eval))
-        if (
-            epoch_done < cfg.run.epochs
-            and cfg.run.checkpoint_every_epochs
-            and epoch_done % cfg.run.checkpoint_every_epochs == 0
-        ):
-            save_checkpoint(accelerator, run_dir, state, loaders, keep)
-    bar.close()
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            epoch_done = state.epoch
+            if epoch_done < cfg.run.epochs and cfg.run.eval_every_epochs and epoch_done % cfg.run.eval_every_epochs == 0:
+                last_eval = run_eval()
+                if main_process and progress:
+                    bar.write(eval_line(state.step, last_eval))
+            if (
+                epoch_done < cfg.run.epochs
+                and cfg.run.checkpoint_every_epochs
+                and epoch_done % cfg.run.checkpoint_every_epochs == 0
+            ):
+                checkpoint_now()
     wall = time.perf_counter() - run_start
 
-    if stopped:
-        checkpoint = save_checkpoint(accelerator, run_dir, state, loaders, keep)
-        accelerator.print(f"stopped after step {state.step}; checkpoint {checkpoint}")
-        report = {"stopped_at_step": state.step, "checkpoint": str(checkpoint)}
+    if stopped_by is not None:
+        checkpoint = checkpoint_now()
+        if stopped_by == "stop_after_steps":
+            accelerator.print(f"stopped after step {state.step}; checkpoint {checkpoint}")
+        report = {"stopped_at_step": state.step, "checkpoint": str(checkpoint), "stopped_by": stopped_by}
         accelerator.end_training()
-        if main_process:
-            metrics.close()
         return TrainResult(report=report, run_dir=run_dir, teacher=teacher, final=last_eval)
 
     last_eval = run_eval()
-    save_checkpoint(accelerator, run_dir, state, loaders, keep)
+    checkpoint_now()
     report: dict[str, Any] = {}
     if main_process:
-        metrics.close()
-        export_path = export_teacher(teacher, run_dir / EXPORT_NAME)
+        export_path = written(run_dir / EXPORT_NAME, lambda: export_teacher(teacher, run_dir / EXPORT_NAME))
         report = build_report(
             cfg, run_dir, state, last_eval, total_steps=total_steps, wall_seconds=wall,
             world_size=accelerator.num_processes, device=str(accelerator.device),
@@ -375,27 +454,48 @@ def train(
         report["config"] = resolved
         report["batch"] = device_plan.as_dict()  # what the run used: per device, accumulation, global, lr
         write_report(run_dir, report)
-        plot_curves(run_dir, title=f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}")
+        title = f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}"
+        written(run_dir / CURVES_NAME, lambda: plot_curves(run_dir, title=title))
         print(summary_line(report), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also ends the process group: no collective after this
     return TrainResult(report=report, run_dir=run_dir, teacher=teacher, final=last_eval)
 
 
-def _prepare_run_dir(accelerator: Any, run_dir: Path, *, resuming: bool) -> None:
+def _checked_label_rows(labels: torch.Tensor, num_classes: int, shards: str, split: str) -> torch.Tensor:
+    """`labels` (-1 = unlabeled), after checking every one names a class of the shard set."""
+    bad = (labels >= num_classes) | (labels < -1)
+    if labels.numel() and bool(bad.any()):
+        value = int(labels[bad][0])
+        raise MtScaleError(
+            f"{shards}: a {split} batch holds label {value}, but the manifest lists {num_classes} classes "
+            f"(labels 0..{num_classes - 1}); the set is damaged or mixes shards of another set: "
+            f"check it with mt-shard verify --decode {shards}"
+        )
+    return labels
+
+
+def _checked_labels(batches: Iterable[dict], num_classes: int, shards: str, split: str) -> Iterator[dict]:
+    for batch in batches:
+        labels, valid = batch["label"], batch.get("valid")
+        _checked_label_rows(labels[valid.bool()] if valid is not None else labels, num_classes, shards, split)
+        yield batch
+
+
+def _prepare_run_dir(accelerator: Any, run_dir: Path, *, resuming: bool) -> Path | None:
+    """Create `run_dir` (main process); returns the topmost folder this created, None if it existed."""
+    created = None
     if accelerator.is_main_process:
         if not resuming and checkpoint_dirs(run_dir):
             raise MtScaleError(
                 f"{run_dir}: already holds a run with checkpoints; continue it with --resume or "
                 "choose another folder with --set run.output_dir=DIR"
             )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            # leftovers of a run killed before its first checkpoint
-            for name in ("metrics.csv", "report.json", "curves.png", EXPORT_NAME, TENSORBOARD_DIR):
-                target = run_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        # a new run removes what one killed before its first checkpoint left
+        leftovers = (METRICS_NAME, REPORT_NAME, CURVES_NAME, EXPORT_NAME, TENSORBOARD_DIR)
+        created = prepare_run_dir(run_dir, remove=() if resuming else leftovers)
     accelerator.wait_for_everyone()
+    return created
 
 
 def _no_accelerator() -> bool:
