@@ -137,7 +137,7 @@ def _check_target(source: Path, target: Path) -> None:
     if target.exists() and any(target.iterdir()):
         raise ShardFormatError(f"{target}: exists and is not empty; choose another NEWOUT or delete it")
     if target.resolve().is_relative_to(source.resolve()):
-        raise ShardFormatError(f"{target}: is inside the set {source}; put NEWOUT elsewhere")
+        raise ShardFormatError(f"{target}: is inside the shard set {source}; put NEWOUT elsewhere")
     check_output_location(target, "NEWOUT")
 
 
