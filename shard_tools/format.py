@@ -230,6 +230,17 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def is_class_name(name: object) -> bool:
+    """Class names are printable text without white space (labels.txt lines are '<key> <class name>')."""
+    return isinstance(name, str) and bool(name) and name.isprintable() and not any(c.isspace() for c in name)
+
+
+def shown(name: str) -> str:
+    """A name read from a file, fit for a one-line message: as it is when plain, else quoted and escaped
+    (so a newline or terminal escape in a hostile name can neither split nor forge a line)."""
+    return name if name.isprintable() and not any(c.isspace() for c in name) and len(name) <= 100 else _short(name)
+
+
 def check_manifest_header(data: object, path: str = MANIFEST_NAME) -> None:
     """Refuse outright what no reader may go on with: not an object, a newer format, a shard name
     that is not a plain shard file name (it could point outside the set)."""
@@ -245,6 +256,7 @@ def check_manifest_header(data: object, path: str = MANIFEST_NAME) -> None:
         shards = info.get("shards") if isinstance(info, dict) else None
         for name in shards if isinstance(shards, list) else ():
             if not is_shard_name(name, split if split in SPLITS else None):
+                split = shown(split)
                 raise ShardFormatError(
                     f"{path}: {split} shard name {_short(name)} is not a plain shard file name "
                     f"({split}-NNNNNN.tar); the set is damaged or hostile: do not use it, re-pack it"
@@ -266,12 +278,13 @@ _VAL_METHODS = ("folder", "list", "fraction", "none")
 
 
 def _split_problems(split: str, info: object) -> list[str]:
-    where = f"splits.{split}"
+    where = f"splits.{shown(split)}"
     if split not in SPLITS:
         return [f"{where}: unknown split (expected {', '.join(SPLITS)})"]
     if not isinstance(info, dict):
         return [f"{where} is {_short(info)}, not an object"]
-    problems = [f"{where}.{name}: unknown field" for name in info if name not in ("shards", "counts", "sha256", "bytes")]
+    problems = [f"{where}.{shown(name)}: unknown field" for name in info
+                if name not in ("shards", "counts", "sha256", "bytes")]
     fields = {}
     for name, check, what in (("shards", lambda v: isinstance(v, str), "a shard name"),
                               ("counts", lambda v: _is_int(v, 0), "a whole number >= 0"),
@@ -312,9 +325,9 @@ def manifest_problems(data: dict) -> list[str]:
             problems.append(f"classes is {_short(classes)}, not a list of class names")
             classes = None
         else:
-            bad = next((c for c in classes if not isinstance(c, str) or not c or any(ch.isspace() for ch in c)), None)
+            bad = next((c for c in classes if not is_class_name(c)), None)
             if bad is not None:
-                problems.append(f"classes: {_short(bad)} is not a class name (text without white space)")
+                problems.append(f"classes: {_short(bad)} is not a class name (printable, no white space)")
             elif len(set(classes)) != len(classes):
                 problems.append("classes: a class name is listed twice")
     splits = data.get("splits")

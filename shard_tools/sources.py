@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shard_tools.files import read_pairs
-from shard_tools.format import ShardFormatError
+from shard_tools.format import ShardFormatError, is_class_name
 
 DIGITS = "digits"
 DIGITS_SIZE = 32
@@ -84,8 +84,9 @@ def read_classes_file(path: str | Path) -> list[str]:
 def _check_class_names(classes: list[str], where: str) -> list[str]:
     # labels.txt lines are '<key> <class name>': a name with a space could not be read back.
     for name in classes:
-        if not name or any(c.isspace() for c in name):
-            raise ShardFormatError(f"{where}: class name {name!r} holds white space; rename it (e.g. use '_')")
+        if not is_class_name(name):
+            raise ShardFormatError(f"{where}: class name {name!r} holds white space or control characters; rename it "
+                                   "(e.g. use '_')")
     return classes
 
 
@@ -196,7 +197,7 @@ def _refuse_duplicates(items: list[Item]) -> None:
 def _load_list(list_path: Path, classes_file: str | None, val_list: str | None) -> Collection:
     fixed = read_classes_file(classes_file) if classes_file else None
     entries = _read_list(list_path, fixed, classes_file)
-    classes = fixed or sorted({name for _, name, _ in entries})
+    classes = fixed or _check_class_names(sorted({name for _, name, _ in entries}), str(list_path))
     present = {name for _, name, _ in entries}
     missing = [name for name in classes if name not in present]
     if missing:

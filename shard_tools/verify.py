@@ -39,6 +39,7 @@ from shard_tools.format import (
     manifest_problems,
     parse_key_classes,
     read_manifest_data,
+    shown,
 )
 from shard_tools.imaging import DEFAULT_MAX_PIXELS, BadImage, open_image
 
@@ -77,42 +78,43 @@ def _check_shard(path: Path, split: str, num_classes: int, decode: bool, max_pix
     with tarfile.open(path, "r:") as archive:
         for member in archive:
             if not member.isfile():
-                problems.append(f"{path.name}: {member.name} is not a regular file")
+                problems.append(f"{path.name}: {shown(member.name)} is not a regular file")
                 continue
             key, _, ext = member.name.partition(".")
             if key not in members:
                 order.append(key)
             elif order[-1] != key:
-                problems.append(f"{path.name}: members of {key} are not contiguous")
+                problems.append(f"{path.name}: members of {shown(key)} are not contiguous")
             if ext == IMAGE_EXT and not decode:
                 members[key][ext] = b""  # present; the sha256 already vouches for the bytes
             elif ext != IMAGE_EXT and member.size > _MAX_SMALL_MEMBER:
-                problems.append(f"{path.name}: member {member.name} is {member.size} bytes, far too large")
+                problems.append(f"{path.name}: member {shown(member.name)} is {member.size} bytes, far too large")
                 members[key][ext] = b""
             else:
                 members[key][ext] = archive.extractfile(member).read()
     labels: dict[str, int] = {}
     for key in order:
         parts = members[key]
-        if not is_valid_key(key):
-            problems.append(f"{path.name}: key {key!r} is not a valid key (letters, digits, '_', '-' only)")
+        name = key if is_valid_key(key) else repr(key)  # quoted in every message when not a valid key
+        if name != key:
+            problems.append(f"{path.name}: key {name} is not a valid key (letters, digits, '_', '-' only)")
         missing = [ext for ext in SAMPLE_EXTS if ext not in parts]
         if missing:
-            problems.append(f"{path.name}: sample {key} lacks {', '.join('.' + e for e in missing)}")
+            problems.append(f"{path.name}: sample {name} lacks {', '.join('.' + e for e in missing)}")
             continue
         try:
             cls, lbl = decode_class(parts[CLASS_EXT]), decode_label(parts[LABEL_EXT])
         except Exception as exc:  # noqa: BLE001 - a malformed label is the finding itself
-            problems.append(f"{path.name}: sample {key} has an unreadable label ({exc})")
+            problems.append(f"{path.name}: sample {name} has an unreadable label ({exc})")
             continue
         if cls != lbl:
-            problems.append(f"{path.name}: sample {key} has .cls {cls} but .lbl {lbl}")
+            problems.append(f"{path.name}: sample {name} has .cls {cls} but .lbl {lbl}")
         if split == TRAIN_UNLABELED and cls != NO_LABEL:
-            problems.append(f"{path.name}: unlabeled sample {key} carries label {cls} (must be {NO_LABEL})")
+            problems.append(f"{path.name}: unlabeled sample {name} carries label {cls} (must be {NO_LABEL})")
         if split != TRAIN_UNLABELED and not 0 <= cls < num_classes:
-            problems.append(f"{path.name}: sample {key} has label {cls}, outside 0..{num_classes - 1}")
+            problems.append(f"{path.name}: sample {name} has label {cls}, outside 0..{num_classes - 1}")
         if decode and (reason := check_decode(parts[IMAGE_EXT], max_pixels)):
-            problems.append(f"{path.name}: image {key} {reason}")
+            problems.append(f"{path.name}: image {name} {reason}")
         labels[key] = cls
     return problems, labels
 
@@ -151,12 +153,13 @@ def _unexpected_files(folder: Path, listed: set[str]) -> list[str]:
     for entry in sorted(folder.iterdir()):
         if entry.name in expected:
             continue
+        name = shown(entry.name)
         if entry.name.endswith(".tar"):
-            problems.append(f"{entry.name}: a shard not in the manifest (left from another pack?)")
+            problems.append(f"{name}: a shard not in the manifest (left from another pack?)")
         elif entry.is_dir() and not entry.is_symlink():
-            problems.append(f"{entry.name}: an unexpected folder in the set; move it out")
+            problems.append(f"{name}: an unexpected folder in the set; move it out")
         else:
-            problems.append(f"{entry.name}: an unexpected file in the set (not written by mt-shard); move it out")
+            problems.append(f"{name}: an unexpected file in the set (not written by mt-shard); move it out")
     return problems
 
 
@@ -205,7 +208,7 @@ def verify(shard_dir: str | Path, decode: bool = False, progress: bool = False) 
             problems.append(f"{name}: holds {len(labels)} samples, the manifest says {info.counts[position]}")
         for key in labels:
             if key in seen:
-                problems.append(f"{name}: key {key} repeats (also in {seen[key]})")
+                problems.append(f"{name}: key {shown(key)} repeats (also in {seen[key]})")
             seen[key] = name
         labels_by_split[split].update(labels)
         idx = folder / index_name(name)

@@ -35,7 +35,8 @@ def _rename_val_shard(folder: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("hostile", ["../../.bashrc", "../val-000000.tar", "ABSOLUTE", "val-000000.tar/../x.tar",
-                                     "sub/val-000000.tar", "val-000000.tar\x00", ".."])
+                                     "sub/val-000000.tar", "val-000000.tar\x00", "..",
+                                     "val-000000.tar\nset: OK"])
 def test_hostile_shard_names_are_refused_by_verify_info_resplit(set_copy: Path, tmp_path: Path, hostile: str,
                                                                cli_error, snapshot):
     work = tmp_path / "work"
@@ -84,6 +85,21 @@ def test_manifest_field_damage_is_listed_by_verify_and_one_line_for_info(set_cop
         (set_copy / MANIFEST_NAME).write_bytes(garbage)
         assert "manifest.json" in cli_error(["verify", str(set_copy)])
         assert "manifest.json" in cli_error(["info", str(set_copy)])
+
+
+def test_names_from_the_set_cannot_forge_output_lines(set_copy: Path, capsys):
+    data = json.loads((set_copy / MANIFEST_NAME).read_text())
+    data["skipped"] = [{"path": "a.jpg\n\x1b[2Jset: OK", "reason": "x\ry"}]
+    data["source"] = "\x1b]0;pwned\x07"
+    (set_copy / MANIFEST_NAME).write_text(json.dumps(data))
+    (set_copy / "evil\nset: OK").write_text("")
+    assert main(["info", str(set_copy)]) == 0
+    info = capsys.readouterr().out
+    assert "\x1b" not in info and "'a.jpg\\n\\x1b[2Jset: OK': 'x\\ry'" in info
+    assert main(["verify", str(set_copy)]) == 1
+    report = capsys.readouterr().out
+    assert "\x1b" not in report and "'evil\\nset: OK': an unexpected file in the set" in report
+    assert len(report.strip().splitlines()) == 2  # that problem and the summary
 
 
 def test_damaged_set_files_are_listed_by_verify(set_copy: Path, capsys):
