@@ -234,9 +234,18 @@ def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
     return write_shard(task.out_dir, task.name, samples()), skipped
 
 
+def _sound_record(record: object) -> bool:
+    """A resume record as pack writes it (a damaged state file's records are packed again)."""
+    return (isinstance(record, dict) and isinstance(record.get("sha256"), str)
+            and all(isinstance(record.get(k), int) for k in ("count", "bytes"))
+            and isinstance(record.get("skipped"), list)
+            and all(isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("path", "reason", "key"))
+                    for e in record["skipped"]))
+
+
 def _shard_done(out: Path, record: dict | None, task: ShardTask) -> bool:
     tar_path = out / task.name
-    if not record or record.get("plan") != task.plan_hash or not tar_path.exists():
+    if not _sound_record(record) or record.get("plan") != task.plan_hash or not tar_path.is_file():
         return False
     if not (out / index_name(task.name)).exists():
         return False
@@ -308,6 +317,8 @@ def pack(
     out = Path(out_dir)
     if labels_file is not None and not Path(labels_file).is_file():
         raise ShardFormatError(f"{labels_file}: no such labels file; check --labels")
+    if classes_file is not None and not Path(classes_file).is_file():
+        raise ShardFormatError(f"{classes_file}: no such classes file; check --classes")
     # Everything that decides the output (not the worker count): a resume must match it exactly.
     pack_args = {
         "source": DIGITS if str(source) == DIGITS else str(Path(source).resolve()),
