@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import multiprocessing
+import numbers
 import os
 import signal
 import sys
@@ -96,7 +97,7 @@ def default_workers() -> int:
 
 def check_seed(seed: int) -> None:
     """Seeds are whole numbers >= 0 (numpy's generators refuse negative ones)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ShardFormatError(f"--seed {seed}: must be a whole number, 0 or more")
 
 
