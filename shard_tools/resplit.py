@@ -97,9 +97,14 @@ def _locations(source: Path, shards: list[str]) -> dict[str, tuple[Path, dict[st
     return found
 
 
+_OPEN_SHARDS = 64  # samples are read in shuffled order: keep a few shards open, never one per shard (EMFILE)
+
+
 def _read_member(handles: dict, tar_path: Path, place: tuple[int, int]) -> bytes:
     handle = handles.get(tar_path)
     if handle is None:
+        if len(handles) >= _OPEN_SHARDS:
+            handles.pop(next(iter(handles))).close()
         handle = handles[tar_path] = open(tar_path, "rb")  # noqa: SIM115 - closed in resplit's finally
     handle.seek(place[0])
     return handle.read(place[1])
@@ -236,14 +241,14 @@ def resplit(
             records[name] = {"sha256": val.sha256[position], "count": val.counts[position], "bytes": copied,
                              "skipped": []}
         pack_args = {**manifest.pack_args, "labels_per_class": labels_per_class, "label_fraction": label_fraction,
-                     "labels_file_sha256": sha256_file(labels_file) if labels_file else None, "seed": seed,
+                     "labels_file_sha256": sha256_file(labels_file) if labels_file else None, "seed": int(seed),
                      "shard_size": size}
         chosen_set = set(chosen)
         plan = PackPlan(
             classes=list(manifest.classes), tasks=tasks,
             labeled=sorted((keys[i], labels[i]) for i in chosen_set),
             train=[(key, label) for key, label in zip(keys, labels, strict=True)],
-            skipped=list(manifest.skipped), label_split={**how, "seed": seed, "resplit_of": str(source.resolve())},
+            skipped=list(manifest.skipped), label_split={**how, "seed": int(seed), "resplit_of": str(source.resolve())},
             val_split=manifest.val_split, pack_args=pack_args, description=f"re-split of {source}",
         )
         new_manifest = write_set_files(temp, plan, records)
