@@ -40,9 +40,18 @@ def partial_target(name: str) -> str | None:
     return None
 
 
-def remove_partials(folder: str | Path, ours: Callable[[str], bool]) -> None:
-    """Drop what an interrupted run left half-written: only temporaries of names `ours` accepts, never a
-    user's own `*.partial` file."""
+def is_set_file(name: str) -> bool:
+    """A name a shard set holds: a shard, its index, manifest.json, labels.txt, train-classes.txt."""
+    from shard_tools.format import LABELS_NAME, MANIFEST_NAME, TRAIN_CLASSES_NAME, is_shard_name
+
+    if name.endswith(".idx"):
+        name = name[:-4] + ".tar"
+    return is_shard_name(name) or name in (MANIFEST_NAME, LABELS_NAME, TRAIN_CLASSES_NAME)
+
+
+def remove_partials(folder: str | Path, ours: Callable[[str], bool] = is_set_file) -> None:
+    """Drop what an interrupted run left half-written: only temporaries of names `ours` accepts (by
+    default the set's own files), never a user's own `*.partial` file."""
     for leftover in Path(folder).glob("." + "*" + PARTIAL_SUFFIX):
         target = partial_target(leftover.name)
         if target is not None and ours(target) and leftover.is_file():

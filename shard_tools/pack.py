@@ -27,6 +27,7 @@ from shard_tools.files import (
     atomic_write,
     check_output_location,
     describe_os_error,
+    is_set_file,
     make_dirs,
     partial_target,
     remove_empty_dirs,
@@ -34,14 +35,11 @@ from shard_tools.files import (
     sha256_file,
 )
 from shard_tools.format import (
-    LABELS_NAME,
     MANIFEST_NAME,
     SPLITS,
-    TRAIN_CLASSES_NAME,
     Manifest,
     ShardFormatError,
     index_name,
-    is_shard_name,
     read_manifest,
 )
 from shard_tools.imaging import DEFAULT_MAX_PIXELS, BadImage, encode_for_shard, inspect, read_bytes
@@ -120,9 +118,7 @@ def _check_options(quality: int, shard_size: int, shard_bytes: int | None, worke
 
 def is_pack_output(name: str) -> bool:
     """A file name pack writes into OUT (so only these, and their temporaries, are ever deleted)."""
-    if name.endswith(".idx"):
-        name = name[:-4] + ".tar"
-    return is_shard_name(name) or name in (MANIFEST_NAME, LABELS_NAME, TRAIN_CLASSES_NAME, STATE_NAME)
+    return is_set_file(name) or name == STATE_NAME
 
 
 def _damaged_shard(out: Path, manifest: Manifest) -> str | None:
