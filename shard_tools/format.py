@@ -199,19 +199,21 @@ class Manifest:
                 f"{path}: not a valid mt-scale manifest: {problems[0]}{more}; mt-shard verify lists every "
                 "problem; re-pack the set with mt-shard pack"
             )
-        splits = {name: SplitInfo(**info) for name, info in data["splits"].items()}
-        return cls(
-            classes=list(data["classes"]),
-            splits=splits,
-            label_split=dict(data["label_split"]),
-            image=dict(data["image"]),
-            skipped=list(data.get("skipped", [])),
-            tool_version=data.get("tool_version", ""),
-            format_version=data["format_version"],
-            source=data.get("source", ""),
-            val_split=dict(data.get("val_split", {})),
-            pack_args=dict(data.get("pack_args", {})),
-        )
+        try:
+            return cls(
+                classes=list(data["classes"]),
+                splits={name: SplitInfo(**info) for name, info in data["splits"].items()},
+                label_split=dict(data["label_split"]),
+                image=dict(data["image"]),
+                skipped=list(data.get("skipped", [])),
+                tool_version=data.get("tool_version", ""),
+                format_version=data["format_version"],
+                source=data.get("source", ""),
+                val_split=dict(data.get("val_split", {})),
+                pack_args=dict(data.get("pack_args", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:  # manifest_problems should have named it first
+            raise ShardFormatError(f"{path}: not a valid mt-scale manifest ({exc!r}); re-pack the set") from None
 
 
 # A shard name is a plain file name of the packer's own pattern: no separator, no `..`, never
@@ -325,9 +327,9 @@ def manifest_problems(data: dict) -> list[str]:
             problems.append(f"classes is {_short(classes)}, not a list of class names")
             classes = None
         else:
-            bad = next((c for c in classes if not is_class_name(c)), None)
+            bad = next((i for i, c in enumerate(classes) if not is_class_name(c)), None)
             if bad is not None:
-                problems.append(f"classes: {_short(bad)} is not a class name (printable, no white space)")
+                problems.append(f"classes[{bad}] is {_short(classes[bad])}, not a class name (printable, no white space)")
             elif len(set(classes)) != len(classes):
                 problems.append("classes: a class name is listed twice")
     splits = data.get("splits")
@@ -360,7 +362,7 @@ def manifest_problems(data: dict) -> list[str]:
             problems.append(f"skipped[{bad}] is {_short(skipped[bad])}, not {{'path': ..., 'reason': ...}}")
     val_split = data.get("val_split", {})
     if isinstance(val_split, dict) and val_split:
-        if val_split.get("method") not in _VAL_METHODS:
+        if not isinstance(val_split.get("method"), str) or val_split["method"] not in _VAL_METHODS:
             problems.append(f"val_split.method is {_short(val_split.get('method'))}, not one of {', '.join(_VAL_METHODS)}")
         elif val_split["method"] == "fraction" and not _is_number(val_split.get("fraction")):
             problems.append(f"val_split.fraction is {_short(val_split.get('fraction'))}, not a number")
@@ -372,7 +374,7 @@ def _label_split_problems(label_split: object, classes: list | None) -> list[str
         return [f"label_split is {_short(label_split)}, not an object"]
     problems = []
     method = label_split.get("method")
-    if method not in _LABEL_METHODS:
+    if not isinstance(method, str) or method not in _LABEL_METHODS:
         problems.append(f"label_split.method is {_short(method)}, not one of {', '.join(_LABEL_METHODS)}")
     elif (detail := _LABEL_METHODS[method]) is not None:
         value = label_split.get(detail)

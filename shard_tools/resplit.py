@@ -60,6 +60,7 @@ from shard_tools.writer import write_shard
 _TAR_BLOCK = 512
 MARKER_NAME = ".mt-shard-resplit"  # inside the temporary folder: says it is ours to discard
 _MAX_META_BYTES = 1 << 20
+_TAR_ERRORS = (tarfile.TarError, EOFError)
 
 
 def _damaged(source: Path, what: str) -> ShardFormatError:
@@ -88,7 +89,7 @@ def _locations(source: Path, shards: list[str]) -> dict[str, tuple[Path, dict[st
         path = source / name
         try:
             samples = parse_index(build_index(path), str(path))
-        except tarfile.TarError as exc:
+        except _TAR_ERRORS as exc:
             raise _damaged(source, f"{path}: unreadable tar ({exc})") from None
         for key, components in samples:
             if key in found or IMAGE_EXT not in components:
@@ -130,7 +131,12 @@ def _copy_shard(source: Path, folder: Path, name: str, sha256: str) -> int:
     if sha256_file(temp) != sha256:  # the source changed since it was checked
         raise _damaged(source, f"{source / name}: sha256 differs from the manifest")
     index = folder / index_name(name)
-    partial_path(index).write_text(build_index(temp))
+    try:
+        text = build_index(temp)
+        parse_index(text, str(source / name))  # its member names are keys, never paths
+    except _TAR_ERRORS as exc:
+        raise _damaged(source, f"{source / name}: unreadable tar ({exc})") from None
+    partial_path(index).write_text(text)
     os.replace(partial_path(index), index)
     os.replace(temp, target)
     return target.stat().st_size
