@@ -21,6 +21,7 @@ _KEEP_MODES = ("RGB", "L")
 # claiming 20000x20000 (a decompression bomb) is refused from its header, before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 _PIL_CHECK = threading.Lock()
+_NOT_REGULAR = "not a regular file (a FIFO, device or socket)"
 
 
 class BadImage(Exception):
@@ -35,10 +36,13 @@ def read_bytes(path: str | None, data: bytes | None) -> bytes:
         # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; fstat then rejects it.
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a socket cannot even be opened
+                raise BadImage(_NOT_REGULAR) from None
         raise BadImage(f"unreadable: {exc.strerror or exc}") from None
     with open(descriptor, "rb") as handle:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise BadImage("not a regular file (a FIFO, device or socket)")
+            raise BadImage(_NOT_REGULAR)
         try:
             return handle.read()
         except OSError as exc:
