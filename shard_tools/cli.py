@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from shard_tools.files import describe_os_error
 from shard_tools.format import ShardFormatError
 
 
@@ -40,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="class names in index order, one per line (default: sorted names found)")
     pack.add_argument("--max-side", type=int, metavar="PX", help="shrink so the longer side is at most PX")
     pack.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of re-encoded images")
+    pack.add_argument("--max-pixels", type=int, metavar="N",
+                      help="skip input images of more than N pixels (width x height), judged from the header "
+                           "before decoding (default 89478485, PIL's decompression-bomb cap; verify --decode "
+                           "uses the set's cap)")
     pack.add_argument("--shard-size", type=int, default=1000, metavar="N", help="images per shard (default 1000)")
     pack.add_argument("--shard-bytes", type=int, metavar="B", help="also cap shards at about B bytes")
     pack.add_argument("--workers", type=int, metavar="N", help="parallel processes (default: all cores)")
@@ -77,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
             quality=args.quality, shard_size=args.shard_size, shard_bytes=args.shard_bytes, workers=args.workers,
             progress=not args.quiet, classes_file=args.classes_file, val_list=args.val_list,
             val_labels=args.val_labels,
+            max_pixels=args.max_pixels,
         )
         print(summary.line())
         return 0
@@ -115,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     except ShardFormatError as exc:
         print(f"mt-shard {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # anything the commands did not turn into a message themselves
+        print(f"mt-shard {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"mt-shard {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        what = {"pack": "run the same command again to resume",
+                "resplit": f"nothing was written to {getattr(args, 'new_out', '')}; run the same command again to "
+                           "start over"}.get(args.command, "nothing was changed")
+        print(f"mt-shard {args.command}: interrupted; {what}", file=sys.stderr)
         return 130
 
 

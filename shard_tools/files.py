@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 PARTIAL_SUFFIX = ".partial"
@@ -30,10 +33,84 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def remove_partials(folder: str | Path) -> None:
-    """Drop what an interrupted run left half-written."""
+def partial_target(name: str) -> str | None:
+    """The final name a `.<name>.partial` temporary stands for, or None for any other name."""
+    if name.startswith(".") and name.endswith(PARTIAL_SUFFIX) and len(name) > len(PARTIAL_SUFFIX) + 1:
+        return name[1 : -len(PARTIAL_SUFFIX)]
+    return None
+
+
+def is_set_file(name: str) -> bool:
+    """A name a shard set holds: a shard, its index, manifest.json, labels.txt, train-classes.txt."""
+    from shard_tools.format import LABELS_NAME, MANIFEST_NAME, TRAIN_CLASSES_NAME, is_shard_name
+
+    if name.endswith(".idx"):
+        name = name[:-4] + ".tar"
+    return is_shard_name(name) or name in (MANIFEST_NAME, LABELS_NAME, TRAIN_CLASSES_NAME)
+
+
+def remove_partials(folder: str | Path, ours: Callable[[str], bool] = is_set_file) -> None:
+    """Drop what an interrupted run left half-written: only temporaries of names `ours` accepts (by
+    default the set's own files), never a user's own `*.partial` file."""
     for leftover in Path(folder).glob("." + "*" + PARTIAL_SUFFIX):
-        leftover.unlink(missing_ok=True)
+        target = partial_target(leftover.name)
+        if target is not None and ours(target) and leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
+def describe_os_error(exc: OSError, path: str | Path | None = None) -> str:
+    """`<path>: <reason>` for an OS error, naming the file the system call was about when it says."""
+    where = exc.filename if exc.filename is not None else path
+    reason = exc.strerror or str(exc)
+    return f"{where}: {reason}" if where is not None else reason
+
+
+def check_output_location(path: str | Path, option: str) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written: a path under a
+    regular file, a read-only or full file system, /proc. Leaves nothing behind."""
+    from shard_tools.format import ShardFormatError
+
+    path = Path(path).absolute()
+    for existing in (path, *path.parents):
+        try:
+            is_dir = existing.is_dir()
+            found = is_dir or existing.exists()
+        except OSError as exc:
+            raise ShardFormatError(f"{path}: cannot reach it ({describe_os_error(exc)}); choose another {option}") from None
+        if found:
+            break
+    if not is_dir:
+        raise ShardFormatError(f"{path}: {existing} is a file, not a folder, so {option} cannot be made there; "
+                               f"choose another {option}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mt-shard-probe-", dir=existing))
+    except OSError as exc:
+        inside = "" if existing == path else f" in {existing}"
+        raise ShardFormatError(f"{path}: cannot write there{inside} ({exc.strerror or exc}); choose another {option}") from None
+
+
+def make_dirs(path: str | Path) -> list[Path]:
+    """mkdir -p that returns the folders it created (outermost first), so a failed run can remove them."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    created = []
+    for folder in missing:
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError:
+            remove_empty_dirs(created)
+            raise
+        created.append(folder)
+    return created
+
+
+def remove_empty_dirs(created: list[Path]) -> None:
+    """Undo make_dirs for the folders still empty (innermost first)."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):  # not empty (kept on purpose) or already gone
+            folder.rmdir()
 
 
 def read_pairs(path: str | Path, what: str, columns: str, fix: str) -> list[tuple[str, str, str]]:

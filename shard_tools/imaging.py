@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import stat
+import threading
 import warnings
+from struct import error as struct_error  # some PIL plugins raise it on damaged headers
 
 import cv2
 import numpy as np
@@ -12,7 +17,11 @@ from PIL import Image
 # Keep the original bytes of JPEGs in these modes; anything else (PNG, CMYK JPEG, ...) is re-encoded
 # so every `.jpg` member decodes to RGB with any JPEG decoder.
 _KEEP_MODES = ("RGB", "L")
-Image.MAX_IMAGE_PIXELS = 30_000 * 30_000  # refuse decompression bombs, allow large real photos
+# The one pixel cap of pack and `verify --decode` (`--max-pixels`): PIL's own default, so a small file
+# claiming 20000x20000 (a decompression bomb) is refused from its header, before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 89_478_485
+_PIL_CHECK = threading.Lock()
+_NOT_REGULAR = "not a regular file (a FIFO, device or socket)"
 
 
 class BadImage(Exception):
@@ -20,29 +29,69 @@ class BadImage(Exception):
 
 
 def read_bytes(path: str | tuple | None, data: bytes | None) -> bytes:
+    """The bytes of an input image; only regular files are read (a FIFO would block, /dev/zero never ends)."""
     if data is not None:
         return data
     if isinstance(path, tuple):  # a member of an archive: shard_tools.archives.ArchiveMember
         return path.read()
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; fstat then rejects it.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a socket cannot even be opened
+                raise BadImage(_NOT_REGULAR) from None
         raise BadImage(f"unreadable: {exc.strerror or exc}") from None
+    with open(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise BadImage(_NOT_REGULAR)
+        try:
+            return handle.read()
+        except OSError as exc:
+            raise BadImage(f"unreadable: {exc.strerror or exc}") from None
 
 
-def inspect(raw: bytes) -> tuple[int, int, bool]:
-    """(width, height, is a keepable JPEG) after decoding the whole stream; raises BadImage.
+@contextlib.contextmanager
+def _own_pixel_cap():
+    """PIL's global bomb check off while a header is parsed: our cap, checked next, is the only one."""
+    with _PIL_CHECK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
-    JPEGs decode at 1/8 scale (DCT scaling) which still reads every entropy-coded byte, so a
-    truncated or corrupt file fails here at a fraction of the cost of a full decode.
-    """
+
+def open_image(raw: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image with only its header parsed; raises BadImage when it holds more than `max_pixels`
+    pixels, so a decompression bomb is refused without decoding a pixel."""
     if not raw:
         raise BadImage("empty file")
     try:
+        with _own_pixel_cap():
+            image = Image.open(io.BytesIO(raw))
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image") from None
+    except (OSError, SyntaxError, ValueError, struct_error, Image.DecompressionBombError) as exc:
+        raise BadImage(f"corrupt or truncated: {exc}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadImage(f"too large: {width}x{height} pixels, over the cap of {max_pixels} (see --max-pixels)")
+    return image
+
+
+def inspect(raw: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, bool]:
+    """(width, height, is a keepable JPEG) after decoding the whole stream; raises BadImage.
+
+    The pixel cap is checked from the header first. JPEGs decode at 1/8 scale (DCT scaling) which
+    still reads every entropy-coded byte, so a truncated or corrupt file fails here at a fraction
+    of the cost of a full decode.
+    """
+    image = open_image(raw, max_pixels)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
             size = image.size
             keep = image.format == "JPEG" and image.mode in _KEEP_MODES
             if image.format == "JPEG":
@@ -50,9 +99,7 @@ def inspect(raw: bytes) -> tuple[int, int, bool]:
             image.load()
     except Image.DecompressionBombError as exc:
         raise BadImage(f"too large: {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise BadImage("not an image") from None
-    except (OSError, SyntaxError, ValueError, Warning) as exc:
+    except (OSError, SyntaxError, ValueError, struct_error, Warning) as exc:
         raise BadImage(f"corrupt or truncated: {exc}") from None
     if size[0] < 1 or size[1] < 1:
         raise BadImage("empty image")
@@ -84,10 +131,10 @@ def _decode_bgr(raw: bytes, size: tuple[int, int], target: tuple[int, int]) -> n
     return cv2.imdecode(np.frombuffer(raw, np.uint8), flags)
 
 
-def encode_for_shard(raw: bytes, max_side: int | None, quality: int) -> bytes:
+def encode_for_shard(raw: bytes, max_side: int | None, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """The `.jpg` member: the original bytes when they already fit, else a resized RGB JPEG."""
+    image = open_image(raw, max_pixels)  # the file may have changed since it was checked
     try:
-        image = Image.open(io.BytesIO(raw))
         width, height = image.size
         keepable = image.format == "JPEG" and image.mode in _KEEP_MODES
         if not needs_encoding(width, height, keepable, max_side):
@@ -103,5 +150,5 @@ def encode_for_shard(raw: bytes, max_side: int | None, quality: int) -> bytes:
         if not ok:
             raise BadImage("could not be encoded as JPEG")
         return encoded.tobytes()
-    except (OSError, SyntaxError, ValueError, cv2.error) as exc:
+    except (OSError, SyntaxError, ValueError, struct_error, cv2.error, Image.DecompressionBombError) as exc:
         raise BadImage(f"corrupt or truncated: {exc}") from None

@@ -7,28 +7,34 @@ from pathlib import Path
 from shard_tools.format import SPLITS, read_manifest
 
 
+def _printable(value: object) -> str:
+    """Text from the manifest as one printable line: a newline or terminal escape in it is shown escaped."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 def _label_method(label_split: dict) -> str:
     method = label_split.get("method")
     seed = label_split.get("seed")
     if method == "labels_per_class":
-        how = f"{label_split['labels_per_class']} labeled images per class, seed {seed}"
+        how = f"{label_split.get('labels_per_class')} labeled images per class, seed {seed}"
     elif method == "fraction":
-        how = f"fraction {label_split['fraction']} of each class labeled, seed {seed}"
+        how = f"fraction {label_split.get('fraction')} of each class labeled, seed {seed}"
     elif method == "file":
-        how = f"labels file {label_split.get('file')}"
+        how = f"labels file {_printable(label_split.get('file'))}"
     elif method == "all":
         how = "every training image labeled"
     else:
-        how = str(method)
+        how = _printable(method)
     if label_split.get("resplit_of"):
-        how += f" (re-split of {label_split['resplit_of']})"
+        how += f" (re-split of {_printable(label_split['resplit_of'])})"
     return how
 
 
 def _val_method(val_split: dict) -> str:
     method = val_split.get("method")
     if method == "fraction":
-        return f"class-balanced {val_split['fraction']} of the training images held out, seed {val_split.get('seed')}"
+        return f"class-balanced {val_split.get('fraction')} of the training images held out, seed {val_split.get('seed')}"
     if method in ("folder", "list", "archive"):
         return f"the source's own val {method}"
     return "none"
@@ -47,8 +53,9 @@ def describe(shard_dir: str | Path) -> str:
     manifest = read_manifest(shard_dir)
     names = ", ".join(manifest.classes[:10]) + (", ..." if manifest.num_classes > 10 else "")
     lines = [
-        f"shard set {shard_dir} (format {manifest.format_version}, packed by mt-scale {manifest.tool_version})",
-        f"source:   {manifest.source}",
+        f"shard set {shard_dir} (format {manifest.format_version}, packed by mt-scale "
+        f"{_printable(manifest.tool_version)})",
+        f"source:   {_printable(manifest.source)}",
         f"classes:  {manifest.num_classes} ({names})",
         f"{'split':<17}{'images':>9}{'shards':>8}{'MB':>10}",
     ]
@@ -69,7 +76,7 @@ def describe(shard_dir: str | Path) -> str:
     )
     skipped = manifest.skipped
     lines.append(f"skipped:  {len(skipped)} input file(s)" + (":" if skipped else ""))
-    lines.extend(f"  {entry['path']}: {entry['reason']}" for entry in skipped[:10])
+    lines.extend(f"  {_printable(entry['path'])}: {_printable(entry['reason'])}" for entry in skipped[:10])
     if len(skipped) > 10:
         lines.append(f"  ... and {len(skipped) - 10} more (see manifest.json)")
     return "\n".join(lines)

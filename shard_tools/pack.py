@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import json
 import multiprocessing
+import numbers
 import os
 import signal
 import sys
@@ -22,15 +23,26 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shard_tools.files import atomic_write, remove_partials, sha256_file
+from shard_tools.files import (
+    atomic_write,
+    check_output_location,
+    describe_os_error,
+    is_set_file,
+    make_dirs,
+    partial_target,
+    remove_empty_dirs,
+    remove_partials,
+    sha256_file,
+)
 from shard_tools.format import (
     MANIFEST_NAME,
     SPLITS,
+    Manifest,
     ShardFormatError,
     index_name,
     read_manifest,
 )
-from shard_tools.imaging import BadImage, encode_for_shard, inspect, read_bytes
+from shard_tools.imaging import DEFAULT_MAX_PIXELS, BadImage, encode_for_shard, inspect, read_bytes
 from shard_tools.plan import PackPlan, ShardTask, make_plan, write_set_files
 from shard_tools.sources import DIGITS, load_source
 from shard_tools.split import read_labels_file
@@ -51,6 +63,7 @@ class PackSummary:
     already_complete: bool = False
     skipped_paths: list[str] = field(default_factory=list)
     verb: str = "packed"
+    note: str = ""  # anything else the user should know, appended to the line
 
     @property
     def images(self) -> int:
@@ -69,6 +82,7 @@ class PackSummary:
             f"{self.verb} {self.images} images ({per_split}), skipped {self.skipped}, "
             f"{self.bytes / 1e6:.1f} MB in {self.shards_written + self.shards_kept} shards{kept}, "
             f"{self.seconds:.1f} s ({self.images_per_second:.0f} img/s) -> {self.out_dir}"
+            + (f" ({self.note})" if self.note else "")
         )
 
 
@@ -79,10 +93,19 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def check_seed(seed: int) -> None:
+    """Seeds are whole numbers >= 0 (numpy's generators refuse negative ones)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ShardFormatError(f"--seed {seed}: must be a whole number, 0 or more")
+
+
 def _check_options(quality: int, shard_size: int, shard_bytes: int | None, workers: int, max_side: int | None,
-                   labels_per_class, label_fraction, labels_file) -> None:
+                   labels_per_class, label_fraction, labels_file, seed: int, max_pixels: int | None) -> None:
     if sum(x is not None for x in (labels_per_class, label_fraction, labels_file)) > 1:
         raise ShardFormatError("give one of --labels-per-class, --label-fraction and --labels, not several")
+    check_seed(seed)
+    if max_pixels is not None and max_pixels < 1:
+        raise ShardFormatError(f"--max-pixels {max_pixels}: must be at least 1")
     if not 1 <= quality <= 100:
         raise ShardFormatError(f"--quality {quality}: must be 1..100")
     if shard_size < 1 or (shard_bytes is not None and shard_bytes < 1):
@@ -93,6 +116,27 @@ def _check_options(quality: int, shard_size: int, shard_bytes: int | None, worke
         raise ShardFormatError(f"--max-side {max_side}: must be at least 1 pixel")
 
 
+def is_pack_output(name: str) -> bool:
+    """A file name pack writes into OUT (so only these, and their temporaries, are ever deleted)."""
+    return is_set_file(name) or name == STATE_NAME
+
+
+def _damaged_shard(out: Path, manifest: Manifest) -> str | None:
+    """What is wrong with a finished set's shards (missing, other size, other sha256), or None."""
+    shards = [(name, manifest.split(split), position) for split in SPLITS
+              for position, name in enumerate(manifest.split(split).shards)]
+    for name, info, position in shards:  # the cheap checks first
+        path = out / name
+        if not path.is_file() or not (out / index_name(name)).is_file():
+            return f"{name if not path.is_file() else index_name(name)} is missing"
+        if info.bytes and path.stat().st_size != info.bytes[position]:
+            return f"{name} is not the size manifest.json gives"
+    for name, info, position in shards:
+        if sha256_file(out / name) != info.sha256[position]:
+            return f"{name}'s sha256 differs from manifest.json"
+    return None
+
+
 def _out_state(out: Path, pack_args: dict) -> str:
     """'new', 'resume' or 'complete'; raises when OUT holds something else."""
     if not out.exists():
@@ -100,19 +144,24 @@ def _out_state(out: Path, pack_args: dict) -> str:
     if not out.is_dir():
         raise ShardFormatError(f"{out}: exists and is not a folder; choose another OUT")
     if (out / MANIFEST_NAME).exists():
-        if read_manifest(out).pack_args == pack_args:
-            return "complete"
-        raise ShardFormatError(f"{out}: holds a different shard set; choose another OUT or delete it")
+        if read_manifest(out).pack_args != pack_args:
+            raise ShardFormatError(f"{out}: holds a different shard set; choose another OUT or delete it")
+        damage = _damaged_shard(out, read_manifest(out))
+        if damage:
+            raise ShardFormatError(f"{out}: already packed with these options, but {damage}; restore it, or delete "
+                                   f"{out} and pack again (mt-shard verify {out} lists every problem)")
+        return "complete"
     state_file = out / STATE_NAME
     if state_file.exists():
         try:
             state = json.loads(state_file.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             state = {}
-        if state.get("pack_args") == pack_args:
+        if isinstance(state, dict) and state.get("pack_args") == pack_args:
             return "resume"
         raise ShardFormatError(f"{out}: holds an unfinished pack with other options; rerun that command or delete {out}")
-    if any(not p.name.endswith(".partial") for p in out.iterdir()):
+    # Only temporaries of our own names count as leftovers; a user's `notes.partial` is theirs.
+    if any(not is_pack_output(partial_target(p.name) or "") for p in out.iterdir()):
         raise ShardFormatError(f"{out}: exists and is not empty; choose another OUT or delete it")
     return "new"
 
@@ -156,11 +205,11 @@ def _parallel_map(function: Callable, tasks: list, workers: int, ordered: bool, 
         yield from mapper(function, tasks, chunksize)
 
 
-def _scan_one(item: tuple[str | None, bytes | None]) -> tuple[str | None, int, int, bool, int]:
+def _scan_one(item: tuple[str | None, bytes | None, int]) -> tuple[str | None, int, int, bool, int]:
     """(reason it is bad or None, width, height, keepable JPEG, file bytes)."""
     try:
-        raw = read_bytes(*item)
-        width, height, keep = inspect(raw)
+        raw = read_bytes(item[0], item[1])
+        width, height, keep = inspect(raw, item[2])
         return None, width, height, keep, len(raw)
     except BadImage as exc:
         return str(exc), 0, 0, False, 0
@@ -172,7 +221,8 @@ def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
     def samples():
         for entry in task.samples:
             try:
-                jpeg = encode_for_shard(read_bytes(entry.path, entry.data), task.max_side, task.quality)
+                jpeg = encode_for_shard(read_bytes(entry.path, entry.data), task.max_side, task.quality,
+                                        task.max_pixels)
             except BadImage as exc:
                 skipped.append({"path": entry.origin, "reason": str(exc), "key": entry.key})
                 continue
@@ -181,9 +231,18 @@ def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
     return write_shard(task.out_dir, task.name, samples()), skipped
 
 
+def _sound_record(record: object) -> bool:
+    """A resume record as pack writes it (a damaged state file's records are packed again)."""
+    return (isinstance(record, dict) and isinstance(record.get("sha256"), str)
+            and all(isinstance(record.get(k), int) for k in ("count", "bytes"))
+            and isinstance(record.get("skipped"), list)
+            and all(isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("path", "reason", "key"))
+                    for e in record["skipped"]))
+
+
 def _shard_done(out: Path, record: dict | None, task: ShardTask) -> bool:
     tar_path = out / task.name
-    if not record or record.get("plan") != task.plan_hash or not tar_path.exists():
+    if not _sound_record(record) or record.get("plan") != task.plan_hash or not tar_path.is_file():
         return False
     if not (out / index_name(task.name)).exists():
         return False
@@ -192,16 +251,36 @@ def _shard_done(out: Path, record: dict | None, task: ShardTask) -> bool:
 
 def _finished_shards(out: Path, plan: PackPlan, resuming: bool) -> dict[str, dict]:
     """Records of the shards an interrupted run finished and that still match the plan; clears the rest."""
-    remove_partials(out)
-    records: dict[str, dict] = {}
+    remove_partials(out, is_pack_output)
+    records: dict = {}
     if resuming:
-        records = json.loads((out / STATE_NAME).read_text()).get("shards", {})
+        try:
+            records = json.loads((out / STATE_NAME).read_text()).get("shards", {})
+        except (ValueError, AttributeError):
+            records = {}  # a damaged state file: every shard is packed again
+    if not isinstance(records, dict):
+        records = {}
     records = {t.name: records[t.name] for t in plan.tasks if _shard_done(out, records.get(t.name), t)}
     planned = {t.name for t in plan.tasks} | {index_name(t.name) for t in plan.tasks}
     for leftover in [*out.glob("*.tar"), *out.glob("*.idx")]:
-        if leftover.name not in planned:  # from an earlier plan of this pack (the input changed since)
-            leftover.unlink()
+        if leftover.name not in planned and is_pack_output(leftover.name):
+            leftover.unlink()  # from an earlier plan of this pack (the input changed since)
     return records
+
+
+def _abandon(out: Path, created: list[Path], records: dict, exc: OSError) -> ShardFormatError:
+    """After an OS error while writing: no half-written file stays; a pack that finished no shard
+    leaves nothing at all, one that did keeps its shards to resume. Returns the one-line error."""
+    with contextlib.suppress(OSError):  # cleaning up must not hide the error itself
+        remove_partials(out, is_pack_output)
+        if not records:
+            (out / STATE_NAME).unlink(missing_ok=True)
+            remove_empty_dirs(created)
+    if not records:
+        return ShardFormatError(f"{describe_os_error(exc, out)}; nothing was kept; fix that (space, permissions) "
+                                "and run the command again")
+    return ShardFormatError(f"{describe_os_error(exc, out)}; {len(records)} finished shard(s) kept in {out}: fix "
+                            f"that (space, permissions) and run the same command again to resume, or delete {out}")
 
 
 def pack(
@@ -222,19 +301,25 @@ def pack(
     classes_file: str | Path | None = None,
     val_list: str | Path | None = None,
     val_labels: str | Path | None = None,
+    max_pixels: int | None = None,
 ) -> PackSummary:
     """Pack `source` (an image tree, a list file, an archive or "digits") into the shard set `out_dir`.
 
     `val_list` is the val source (`--val`), `val_labels` the classes of a flat val archive or folder.
+    `max_pixels` caps width x height of an input image (default: PIL's own cap, DEFAULT_MAX_PIXELS);
+    a larger one is skipped from its header, never decoded.
     """
     started = time.perf_counter()
     workers = default_workers() if workers is None else int(workers)
-    _check_options(quality, shard_size, shard_bytes, workers, max_side, labels_per_class, label_fraction, labels_file)
+    _check_options(quality, shard_size, shard_bytes, workers, max_side, labels_per_class, label_fraction, labels_file,
+                   seed, max_pixels)
     out = Path(out_dir)
     if labels_file is not None and not Path(labels_file).is_file():
         raise ShardFormatError(f"{labels_file}: no such labels file; check --labels")
     if val_labels is not None and not Path(val_labels).is_file():
         raise ShardFormatError(f"{val_labels}: no such val labels file; check --val-labels")
+    if classes_file is not None and not Path(classes_file).is_file():
+        raise ShardFormatError(f"{classes_file}: no such classes file; check --classes")
     # Everything that decides the output (not the worker count): a resume must match it exactly.
     pack_args = {
         "source": DIGITS if str(source) == DIGITS else str(Path(source).resolve()),
@@ -252,14 +337,21 @@ def pack(
         # only when given, so sets packed before --val-labels existed still match their command
         **({"val_labels_sha256": sha256_file(val_labels)} if val_labels else {}),
     }
+    if max_pixels is not None:  # recorded only when given, so sets packed before the option still match
+        pack_args["max_pixels"] = int(max_pixels)
+    pixel_cap = int(max_pixels) if max_pixels is not None else DEFAULT_MAX_PIXELS
     if str(source) != DIGITS and Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve()):
         raise ShardFormatError(f"{out}: is inside SRC {source}, so a later pack would read its shards; put OUT elsewhere")
-    state = _out_state(out, pack_args)
+    try:
+        state = _out_state(out, pack_args)
+    except OSError as exc:
+        raise ShardFormatError(f"{describe_os_error(exc, out)}; choose another OUT") from None
     if state == "complete":
         manifest = read_manifest(out)
         counts = {name: manifest.split(name).num_samples for name in SPLITS}
         total = sum(sum(manifest.split(name).bytes) for name in SPLITS)
         return PackSummary(out, counts, len(manifest.skipped), total, 0.0, 0, already_complete=True)
+    check_output_location(out, "OUT")  # before the long check: a wrong OUT fails in a second
 
     collection = load_source(source, str(classes_file) if classes_file else None, str(val_list) if val_list else None,
                              str(val_labels) if val_labels else None, progress)
@@ -268,31 +360,38 @@ def pack(
     items = collection.train + (collection.val or [])
     scans = list(
         tqdm(
-            _parallel_map(_scan_one, [(item.path, item.data) for item in items], workers, True, chunksize=32),
+            _parallel_map(_scan_one, [(item.path, item.data, pixel_cap) for item in items], workers, True, chunksize=32),
             total=len(items), desc="check", unit="img", disable=not progress, leave=False,
         )
     )
     plan: PackPlan = make_plan(collection, scans, pack_args, labels_file=labels_file, out_dir=out)
 
-    # Everything a user can get wrong has been checked: from here on files are written.
-    out.mkdir(parents=True, exist_ok=True)
-    records = _finished_shards(out, plan, resuming=state == "resume")
-    save_state = lambda: atomic_write(out / STATE_NAME, json.dumps({"pack_args": pack_args, "shards": records}))  # noqa: E731
-    save_state()
-    # Largest shards first, so the last ones to finish are small and workers end together.
-    todo = sorted((t for t in plan.tasks if t.name not in records), key=lambda t: -len(t.samples))
-    plan_hashes = {t.name: t.plan_hash for t in todo}
-    bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
-    with _one_thread_per_worker():
-        for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
-            records[result.name] = {"plan": plan_hashes[result.name], "sha256": result.sha256,
-                                    "count": result.count, "bytes": result.bytes, "skipped": skipped}
-            save_state()
-            bar.update(result.count + len(skipped))
-    bar.close()
+    for task in plan.tasks:
+        task.max_pixels = pixel_cap
 
-    manifest = write_set_files(out, plan, records)
-    (out / STATE_NAME).unlink(missing_ok=True)
+    # Everything a user can get wrong has been checked: from here on files are written.
+    created: list[Path] = []
+    records: dict[str, dict] = {}
+    try:
+        created = make_dirs(out)
+        records = _finished_shards(out, plan, resuming=state == "resume")
+        save_state = lambda: atomic_write(out / STATE_NAME, json.dumps({"pack_args": pack_args, "shards": records}))  # noqa: E731
+        save_state()
+        # Largest shards first, so the last ones to finish are small and workers end together.
+        todo = sorted((t for t in plan.tasks if t.name not in records), key=lambda t: -len(t.samples))
+        plan_hashes = {t.name: t.plan_hash for t in todo}
+        bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
+        with _one_thread_per_worker():
+            for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
+                records[result.name] = {"plan": plan_hashes[result.name], "sha256": result.sha256,
+                                        "count": result.count, "bytes": result.bytes, "skipped": skipped}
+                save_state()
+                bar.update(result.count + len(skipped))
+        bar.close()
+        manifest = write_set_files(out, plan, records)
+        (out / STATE_NAME).unlink(missing_ok=True)
+    except OSError as exc:
+        raise _abandon(out, created, records, exc) from None
     counts = {name: manifest.split(name).num_samples for name in SPLITS}
     size = sum(sum(manifest.split(name).bytes) for name in SPLITS)
     summary = PackSummary(

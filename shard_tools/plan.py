@@ -24,7 +24,7 @@ from shard_tools.format import (
     SplitInfo,
     shard_name,
 )
-from shard_tools.imaging import target_size
+from shard_tools.imaging import DEFAULT_MAX_PIXELS, target_size
 from shard_tools.sources import Collection, Item
 from shard_tools.split import choose_labeled, holdout, match_labels_file, read_labels_file, shuffled
 
@@ -51,6 +51,7 @@ class ShardTask:
     max_side: int | None
     quality: int
     plan_hash: str = ""
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the input cap (refused images are skipped, never decoded)
 
 
 @dataclass
@@ -219,7 +220,8 @@ def write_set_files(out: Path, plan: PackPlan, records: dict[str, dict]) -> Mani
         classes=plan.classes,
         splits={name: info for name, info in splits.items() if info.shards},
         label_split={**plan.label_split, "labeled_per_class": per_class},
-        image={"max_side": plan.pack_args["max_side"], "quality": plan.pack_args["quality"]},
+        image={"max_side": plan.pack_args["max_side"], "quality": plan.pack_args["quality"],
+               **({"max_pixels": plan.pack_args["max_pixels"]} if "max_pixels" in plan.pack_args else {})},
         skipped=skipped,
         tool_version=tool_version(),
         source=plan.pack_args["source"],

@@ -11,11 +11,11 @@ import hashlib
 import io
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from shard_tools.files import read_pairs
-from shard_tools.format import ShardFormatError
+from shard_tools.format import ShardFormatError, is_class_name
 
 DIGITS = "digits"
 DIGITS_SIZE = 32
@@ -30,6 +30,7 @@ class Item:
     origin: str  # path as the user knows it (relative to SRC or the list), or "digits/<n>"
     path: str | tuple | None = None  # file to read (or an archives.ArchiveMember); None when `data` holds the bytes
     data: bytes | None = None
+    where: str = ""  # "<list file>:<line>" for file-list items, for messages
 
 
 @dataclass
@@ -62,7 +63,7 @@ def _assign_unique_keys(items: list[Item]) -> list[Item]:
             key = f"{item.key[: _MAX_KEY - 8]}-{suffix}"
             suffix += 1
         seen.add(key)
-        unique.append(item if key == item.key else Item(key, item.label, item.origin, item.path, item.data))
+        unique.append(item if key == item.key else replace(item, key=key))
     return unique
 
 
@@ -84,8 +85,9 @@ def read_classes_file(path: str | Path) -> list[str]:
 def _check_class_names(classes: list[str], where: str) -> list[str]:
     # labels.txt lines are '<key> <class name>': a name with a space could not be read back.
     for name in classes:
-        if not name or any(c.isspace() for c in name):
-            raise ShardFormatError(f"{where}: class name {name!r} holds white space; rename it (e.g. use '_')")
+        if not is_class_name(name):
+            raise ShardFormatError(f"{where}: class name {name!r} holds white space or control characters; rename it "
+                                   "(e.g. use '_')")
     return classes
 
 
@@ -97,16 +99,29 @@ def _class_index(classes: list[str], name: str, where: str, classes_file: str | 
         raise ShardFormatError(f"{where}: unknown class {name!r}; {fix}") from None
 
 
+def _unreadable_folder(exc: OSError) -> None:
+    raise ShardFormatError(f"{exc.filename}: cannot read this folder ({exc.strerror}); fix its permissions or move it "
+                           "out of SRC") from None
+
+
 def _files_under(folder: Path) -> list[Path]:
     found = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, onerror=_unreadable_folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(Path(root) / name for name in sorted(files) if not name.startswith("."))
     return found
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        _unreadable_folder(exc)
+        raise  # not reached
+
+
 def _tree_part(part_dir: Path, root: Path, classes: list[str], classes_file: str | None, need_all: bool):
-    class_dirs = sorted(p for p in part_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = _subfolders(part_dir)
     items, seen = [], set()
     for class_dir in class_dirs:
         label = _class_index(classes, class_dir.name, str(class_dir), classes_file)
@@ -131,7 +146,7 @@ def _load_tree(root: Path, classes_file: str | None) -> Collection:
     if classes_file:
         classes = read_classes_file(classes_file)
     else:
-        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = [p.name for p in _subfolders(train_dir)]
         _check_class_names(classes, str(train_dir))
         if not classes:
             raise ShardFormatError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image files>")
@@ -152,18 +167,39 @@ def _read_list(list_path: Path, classes: list[str] | None, classes_file: str | N
 
 def _list_items(list_path: Path, entries, classes: list[str], prefix: str = "") -> list[Item]:
     items = []
-    for path, name, _where in entries:
+    for path, name, where in entries:
         file = Path(path) if os.path.isabs(path) else list_path.parent / path
         origin = os.path.normpath(path).replace("\\", "/").lstrip("/")
         origin = "/".join(part for part in origin.split("/") if part != "..")
-        items.append(Item(key_for(prefix + origin), classes.index(name), path, path=str(file)))
+        items.append(Item(key_for(prefix + origin), classes.index(name), path, path=str(file), where=where))
+    if items and not any(os.path.lexists(item.path) for item in items):
+        # Not one existing file: a prose or misplaced file rather than a list with a few bad lines.
+        raise ShardFormatError(
+            f"{list_path}: none of its {len(items)} lines names an existing file (line 1: {items[0].origin[:40]!r}); "
+            f"a file list holds '<path> <class name>' lines, relative paths from {list_path.parent}"
+        )
     return items
+
+
+def _refuse_duplicates(items: list[Item]) -> None:
+    """One image listed twice (also under two classes, or in both the train and val lists) would
+    become two samples, or leak val images into training: refused with both lines."""
+    seen: dict[str, Item] = {}
+    for item in items:
+        real = os.path.realpath(item.path)
+        first = seen.setdefault(real, item)
+        if first is not item:
+            raise ShardFormatError(
+                f"{item.where or item.origin}: the same image as {first.where or first.origin} ({item.origin}); "
+                "list each image once, "
+                "under one class and in one list"
+            )
 
 
 def _load_list(list_path: Path, classes_file: str | None) -> Collection:
     fixed = read_classes_file(classes_file) if classes_file else None
     entries = _read_list(list_path, fixed, classes_file)
-    classes = fixed or sorted({name for _, name, _ in entries})
+    classes = fixed or _check_class_names(sorted({name for _, name, _ in entries}), str(list_path))
     present = {name for _, name, _ in entries}
     missing = [name for name in classes if name not in present]
     if missing:
@@ -222,6 +258,7 @@ def load_source(source: str | Path, classes_file: str | None = None, val_list: s
                               "or 'digits'")
     if val_list or val_labels:
         archives.attach_val(collection, val_list, val_labels, classes_file)
+    _refuse_duplicates([item for item in collection.train + (collection.val or []) if isinstance(item.path, str)])
     unique = _assign_unique_keys(collection.train + (collection.val or []))
     collection.train, rest = unique[: len(collection.train)], unique[len(collection.train) :]
     collection.val = rest if collection.val is not None else None

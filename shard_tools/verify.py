@@ -1,19 +1,19 @@
 """`mt-shard verify`: check a shard set against its manifest and name every problem found.
 
-Checks: each shard's sha256 and sample count, its DALI index against the tar, keys (dot-free,
-unique across the set, every sample complete), labels (`.cls` equals `.lbl`, in range, -1 in every
-unlabeled shard and only there), labels.txt and train-classes.txt against the shards, no stray
-shards; with `decode`, every image decodes as a JPEG.
+Checks: the manifest's fields (a shard name that is not a plain shard file name is refused
+outright: it could point outside the set), each shard's sha256 and sample count, its DALI index
+against the tar, keys (dot-free, unique across the set, every sample complete), labels (`.cls`
+equals `.lbl`, in range, -1 in every unlabeled shard and only there), labels.txt and
+train-classes.txt (well-formed, and against the shards), no stray shard or other unexpected file;
+with `decode`, every image decodes as a JPEG within the set's pixel cap (checked from its header).
 """
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from shard_tools.files import sha256_file
@@ -29,38 +29,48 @@ from shard_tools.format import (
     TRAIN_CLASSES_NAME,
     TRAIN_LABELED,
     TRAIN_UNLABELED,
+    Manifest,
     ShardFormatError,
     build_index,
     decode_class,
     decode_label,
     index_name,
     is_valid_key,
-    read_manifest,
+    manifest_problems,
+    parse_key_classes,
+    read_manifest_data,
+    shown,
 )
+from shard_tools.imaging import DEFAULT_MAX_PIXELS, BadImage, open_image
+
+_MAX_SMALL_MEMBER = 1 << 20  # .cls, .lbl and .json members are a few bytes; a larger one is not read
+_TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
 def read_key_classes(path: Path) -> dict[str, str]:
-    """`<key> <class name>` lines (labels.txt, train-classes.txt) as a dict."""
-    pairs = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            key, name = line.rsplit(None, 1)
-            pairs[key] = name
-    return pairs
+    """`<key> <class name>` lines (labels.txt, train-classes.txt) as a dict; damaged lines are left out
+    (parse_key_classes names them)."""
+    return parse_key_classes(path)[0]
 
 
-def _check_decode(raw: bytes) -> str | None:
+def check_decode(raw: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why a `.jpg` member is unusable (not JPEG, over the pixel cap, does not decode), or None.
+
+    The cap is checked from the header by the same function pack uses, before any pixel is decoded.
+    """
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = open_image(raw, max_pixels)
         if image.format != "JPEG":
             return f"is {image.format}, not JPEG"
         image.load()
+    except BadImage as exc:
+        return str(exc) if str(exc).startswith("too large") else f"does not decode ({exc})"
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the finding itself
         return f"does not decode ({exc})"
     return None
 
 
-def _check_shard(path: Path, split: str, num_classes: int, decode: bool) -> tuple[list[str], dict[str, int]]:
+def _check_shard(path: Path, split: str, num_classes: int, decode: bool, max_pixels: int) -> tuple[list[str], dict[str, int]]:
     """Problems in one tar, and its samples' labels by key."""
     problems: list[str] = []
     members: dict[str, dict[str, bytes]] = defaultdict(dict)
@@ -68,39 +78,43 @@ def _check_shard(path: Path, split: str, num_classes: int, decode: bool) -> tupl
     with tarfile.open(path, "r:") as archive:
         for member in archive:
             if not member.isfile():
-                problems.append(f"{path.name}: {member.name} is not a regular file")
+                problems.append(f"{path.name}: {shown(member.name)} is not a regular file")
                 continue
             key, _, ext = member.name.partition(".")
             if key not in members:
                 order.append(key)
             elif order[-1] != key:
-                problems.append(f"{path.name}: members of {key} are not contiguous")
+                problems.append(f"{path.name}: members of {shown(key)} are not contiguous")
             if ext == IMAGE_EXT and not decode:
                 members[key][ext] = b""  # present; the sha256 already vouches for the bytes
+            elif ext != IMAGE_EXT and member.size > _MAX_SMALL_MEMBER:
+                problems.append(f"{path.name}: member {shown(member.name)} is {member.size} bytes, far too large")
+                members[key][ext] = b""
             else:
                 members[key][ext] = archive.extractfile(member).read()
     labels: dict[str, int] = {}
     for key in order:
         parts = members[key]
-        if not is_valid_key(key):
-            problems.append(f"{path.name}: key {key!r} is not a valid key (letters, digits, '_', '-' only)")
+        name = key if is_valid_key(key) else repr(key)  # quoted in every message when not a valid key
+        if name != key:
+            problems.append(f"{path.name}: key {name} is not a valid key (letters, digits, '_', '-' only)")
         missing = [ext for ext in SAMPLE_EXTS if ext not in parts]
         if missing:
-            problems.append(f"{path.name}: sample {key} lacks {', '.join('.' + e for e in missing)}")
+            problems.append(f"{path.name}: sample {name} lacks {', '.join('.' + e for e in missing)}")
             continue
         try:
             cls, lbl = decode_class(parts[CLASS_EXT]), decode_label(parts[LABEL_EXT])
         except Exception as exc:  # noqa: BLE001 - a malformed label is the finding itself
-            problems.append(f"{path.name}: sample {key} has an unreadable label ({exc})")
+            problems.append(f"{path.name}: sample {name} has an unreadable label ({exc})")
             continue
         if cls != lbl:
-            problems.append(f"{path.name}: sample {key} has .cls {cls} but .lbl {lbl}")
+            problems.append(f"{path.name}: sample {name} has .cls {cls} but .lbl {lbl}")
         if split == TRAIN_UNLABELED and cls != NO_LABEL:
-            problems.append(f"{path.name}: unlabeled sample {key} carries label {cls} (must be {NO_LABEL})")
+            problems.append(f"{path.name}: unlabeled sample {name} carries label {cls} (must be {NO_LABEL})")
         if split != TRAIN_UNLABELED and not 0 <= cls < num_classes:
-            problems.append(f"{path.name}: sample {key} has label {cls}, outside 0..{num_classes - 1}")
-        if decode and (reason := _check_decode(parts[IMAGE_EXT])):
-            problems.append(f"{path.name}: image {key} {reason}")
+            problems.append(f"{path.name}: sample {name} has label {cls}, outside 0..{num_classes - 1}")
+        if decode and (reason := check_decode(parts[IMAGE_EXT], max_pixels)):
+            problems.append(f"{path.name}: image {name} {reason}")
         labels[key] = cls
     return problems, labels
 
@@ -108,33 +122,69 @@ def _check_shard(path: Path, split: str, num_classes: int, decode: bool) -> tupl
 def _check_label_files(folder: Path, classes: list[str], labels_by_split: dict[str, dict[str, int]]) -> list[str]:
     problems = []
     labeled = {key: classes[label] for key, label in labels_by_split[TRAIN_LABELED].items() if 0 <= label < len(classes)}
-    listed = read_key_classes(folder / LABELS_NAME) if (folder / LABELS_NAME).exists() else None
-    if listed is None:
+    if not (folder / LABELS_NAME).is_file():
         problems.append(f"{LABELS_NAME}: missing")
-    elif listed != labeled:
-        wrong = sorted(set(listed.items()) ^ set(labeled.items()))
-        problems.append(f"{LABELS_NAME}: disagrees with the labeled shards ({len(wrong)} lines differ, e.g. {wrong[0][0]})")
+    else:
+        listed, damaged = parse_key_classes(folder / LABELS_NAME, classes)
+        problems += damaged
+        if listed != labeled:
+            wrong = sorted(set(listed.items()) ^ set(labeled.items()))
+            example = f", e.g. {wrong[0][0]}" if wrong else ""
+            problems.append(f"{LABELS_NAME}: disagrees with the labeled shards ({len(wrong)} lines differ{example})")
     truth_path = folder / TRAIN_CLASSES_NAME
-    if not truth_path.exists():
+    if not truth_path.is_file():
         problems.append(f"{TRAIN_CLASSES_NAME}: missing")
         return problems
-    truth = read_key_classes(truth_path)
+    truth, damaged = parse_key_classes(truth_path, classes)
+    problems += damaged
     train_keys = set(labels_by_split[TRAIN_LABELED]) | set(labels_by_split[TRAIN_UNLABELED])
     if set(truth) != train_keys:
         problems.append(f"{TRAIN_CLASSES_NAME}: lists {len(truth)} keys but the training shards hold {len(train_keys)}")
-    unknown = sorted(name for name in set(truth.values()) if name not in classes)
-    if unknown:
-        problems.append(f"{TRAIN_CLASSES_NAME}: unknown class {unknown[0]!r}")
     mismatched = [key for key, name in labeled.items() if truth.get(key, name) != name]
     if mismatched:
         problems.append(f"{TRAIN_CLASSES_NAME}: class of labeled sample {mismatched[0]} disagrees with its shard")
     return problems
 
 
+def _unexpected_files(folder: Path, listed: set[str]) -> list[str]:
+    """Anything in the folder that is not part of the set: stray shards, leftovers, other files."""
+    expected = {MANIFEST_NAME, LABELS_NAME, TRAIN_CLASSES_NAME} | listed | {index_name(name) for name in listed}
+    problems = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in expected:
+            continue
+        name = shown(entry.name)
+        if entry.name.endswith(".tar"):
+            problems.append(f"{name}: a shard not in the manifest (left from another pack?)")
+        elif entry.is_dir() and not entry.is_symlink():
+            problems.append(f"{name}: an unexpected folder in the set; move it out")
+        else:
+            problems.append(f"{name}: an unexpected file in the set (not written by mt-shard); move it out")
+    return problems
+
+
+def _listed_names(data: dict) -> set[str]:
+    splits = data.get("splits")
+    names = set()
+    for info in splits.values() if isinstance(splits, dict) else ():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        names.update(name for name in (shards if isinstance(shards, list) else ()) if isinstance(name, str))
+    return names
+
+
 def verify(shard_dir: str | Path, decode: bool = False, progress: bool = False) -> list[str]:
-    """Every problem found in the set (empty when it is sound); raises if there is no manifest."""
+    """Every problem found in the set (empty when it is sound).
+
+    Raises ShardFormatError when there is no readable manifest, or when it names a shard that is
+    not a plain shard file name: such a set is not checked further, only refused.
+    """
     folder = Path(shard_dir)
-    manifest = read_manifest(folder)
+    data = read_manifest_data(folder)
+    damaged = manifest_problems(data)
+    if damaged:  # the shards cannot be checked against a manifest that is itself damaged
+        return [f"{MANIFEST_NAME}: {problem}" for problem in damaged] + _unexpected_files(folder, _listed_names(data))
+    manifest = Manifest.from_dict(data, str(folder / MANIFEST_NAME))
+    max_pixels = manifest.image.get("max_pixels", DEFAULT_MAX_PIXELS)
     problems: list[str] = []
     seen: dict[str, str] = {}
     labels_by_split: dict[str, dict[str, int]] = {name: {} for name in SPLITS}
@@ -144,11 +194,13 @@ def verify(shard_dir: str | Path, decode: bool = False, progress: bool = False) 
         if not path.is_file():
             problems.append(f"{name}: missing")
             continue
+        if info.bytes and path.stat().st_size != info.bytes[position]:
+            problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {info.bytes[position]}")
         if sha256_file(path) != info.sha256[position]:
             problems.append(f"{name}: sha256 differs from the manifest (the file changed or is damaged)")
         try:
-            shard_problems, labels = _check_shard(path, split, manifest.num_classes, decode)
-        except (tarfile.TarError, OSError) as exc:
+            shard_problems, labels = _check_shard(path, split, manifest.num_classes, decode, max_pixels)
+        except _TAR_ERRORS as exc:
             problems.append(f"{name}: unreadable tar ({exc})")
             continue
         problems.extend(shard_problems)
@@ -156,20 +208,18 @@ def verify(shard_dir: str | Path, decode: bool = False, progress: bool = False) 
             problems.append(f"{name}: holds {len(labels)} samples, the manifest says {info.counts[position]}")
         for key in labels:
             if key in seen:
-                problems.append(f"{name}: key {key} repeats (also in {seen[key]})")
+                problems.append(f"{name}: key {shown(key)} repeats (also in {seen[key]})")
             seen[key] = name
         labels_by_split[split].update(labels)
         idx = folder / index_name(name)
         try:
             if not idx.is_file():
                 problems.append(f"{idx.name}: missing (DALI needs it)")
-            elif idx.read_text() != build_index(path):
+            elif idx.read_bytes() != build_index(path).encode():
                 problems.append(f"{idx.name}: does not match the tar's members; re-pack or rebuild the index")
-        except (ShardFormatError, tarfile.TarError) as exc:
+        except (ShardFormatError, *_TAR_ERRORS) as exc:
             problems.append(f"{name}: unreadable tar ({exc})")
-    listed = {name for split in SPLITS for name in manifest.split(split).shards}
-    stray = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
-    problems.extend(f"{name}: a shard not in the manifest (left from another pack?)" for name in stray)
+    problems.extend(_unexpected_files(folder, _listed_names(data)))
     problems.extend(_check_label_files(folder, manifest.classes, labels_by_split))
     per_class = [0] * manifest.num_classes
     for label in labels_by_split[TRAIN_LABELED].values():
