@@ -1,4 +1,4 @@
-"""shard_tools.storage: the loaders' only way to read a set (local files and file:// URLs for now)."""
+"""shard_tools.storage: the loaders' only way to read a set (local files, file:// URLs; s3:// in test_s3.py)."""
 
 from __future__ import annotations
 
@@ -24,5 +24,7 @@ def test_reads_whole_objects_ranges_and_sizes(tmp_path: Path):
 
 def test_object_urls_join_with_slashes_and_unknown_schemes_are_refused():
     assert storage.join("s3://bucket/set/", "manifest.json") == "s3://bucket/set/manifest.json"
-    with pytest.raises(ShardFormatError, match="not supported"):
-        storage.read_bytes("s3://bucket/set/manifest.json")
+    # s3:// is read through shard_tools.s3 (tests/shard_tools/test_s3.py); other schemes are refused
+    assert storage.is_remote("s3://bucket/set") and not storage.is_remote("/data/set")
+    with pytest.raises(ShardFormatError, match="gs:// is not supported"):
+        storage.read_bytes("gs://bucket/set/manifest.json")
