@@ -238,13 +238,14 @@ class _SetFiles:
         expected = {MANIFEST_NAME, LABELS_NAME, TRAIN_CLASSES_NAME} | listed | {index_name(name) for name in listed}
         problems = []
         if self.remote:
-            fix = "(not written by mt-shard); delete it, or push the set to a prefix of its own"
+            fix = "(not written by mt-shard); delete {}, or push the set to a prefix of its own"
             for name in sorted(set(self.sizes) - expected):
                 shown_name = shown(name)
                 problems.append(f"{shown_name}: a shard not in the manifest (left from another push?)"
-                                if name.endswith(".tar") else f"{shown_name}: an unexpected object under the prefix {fix}")
+                                if name.endswith(".tar")
+                                else f"{shown_name}: an unexpected object under the prefix {fix.format('it')}")
             folders = sorted({name.split("/", 1)[0] for name in self._others})
-            problems += [f"{shown(folder)}/: unexpected objects under the prefix {fix}" for folder in folders]
+            problems += [f"{shown(folder)}/: unexpected objects under the prefix {fix.format('them')}" for folder in folders]
             return problems
         for entry in sorted(Path(self.base).iterdir()):
             if entry.name in expected:
