@@ -433,6 +433,10 @@ def test_pack_to_s3_stages_locally_then_pushes(s3_env: str, digits_set: Path, tm
     assert _set_names(kept) == files
     line = _cli_error(capsys, ["pack", "digits", str(tmp_path / "local"), "--staging", str(kept), "--quiet"])
     assert "--staging" in line and "only with an s3:// OUT" in line
+    # the Python API never turns a URL into a local folder named "s3:"
+    with pytest.raises(ShardFormatError, match="pack writes a local folder"):
+        pack("digits", f"{s3_env}/api", labels_per_class=5, workers=1, progress=False)
+    assert not Path("s3:").exists()
 
 
 def test_pack_to_s3_resumes_the_push_without_packing_again(s3_env: str, digits_set: Path, monkeypatch):
