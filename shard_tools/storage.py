@@ -71,21 +71,6 @@ def size(url: str) -> int:
     return os.stat(_local(url)).st_size
 
 
-def list_sizes(url: str) -> dict[str, int]:
-    """{name: size} of every file in the folder (object under the prefix) `url`, names relative to it.
-
-    Local: the folder's entries; a sub-folder is listed as `<name>/` with size 0.
-    """
-    if is_remote(url):
-        return _s3().list_sizes(url)
-    sizes = {}
-    with os.scandir(_local(url)) as entries:
-        for entry in entries:
-            is_dir = entry.is_dir(follow_symlinks=False)
-            sizes[entry.name + ("/" if is_dir else "")] = 0 if is_dir else entry.stat(follow_symlinks=False).st_size
-    return sizes
-
-
 def read_bytes(url: str) -> bytes:
     """The whole file (object): one GET in object storage."""
     if is_remote(url):

@@ -116,6 +116,14 @@ def test_reads_give_the_local_bytes(s3_env: str, digits_set: Path):
         chunks += 1
     assert digest.hexdigest() == manifest.split("val").sha256[0] and chunks > 1
     assert s3.exists(s3.join(url, shard)) and not s3.exists(s3.join(url, "val-999999.tar"))
+    # through storage (what the loaders call): the same bytes, several nearby ranges cut from one read
+    from shard_tools import storage
+
+    ranges = [(samples[i][1]["jpg"][0], 3) for i in range(5)] + [(samples[2][1]["lbl"][0], 4)]
+    assert storage.read_ranges(s3.join(url, shard), ranges) == [local[a : a + n] for a, n in ranges]
+    assert storage.size(s3.join(url, shard)) == len(local)
+    with pytest.raises(FileNotFoundError):
+        storage.size(s3.join(url, "val-999999.tar"))
     with pytest.raises(ShardFormatError, match="past the object's end") as error:
         s3.read_range(s3.join(url, shard), len(local) + 10, 5)
     assert shard in _one_line(error)
