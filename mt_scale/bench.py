@@ -28,7 +28,6 @@ TARGETS = (
     ("pipeline/best_vs_ceiling", ">=", 0.35, "best backend at least 35% of the decode-only ceiling"),
     ("train/step_ratio", "<=", 1.45, "Mean Teacher step at most 1.45x a supervised step"),
     ("ema/speedup", ">=", 1.25, "fused EMA update at least 1.25x faster than the per-parameter loop"),
-    ("pipeline/torch_s3_vs_local", ">=", 0.8, "torch backend from a local S3 server at least 80% of local disk"),
 )
 
 
