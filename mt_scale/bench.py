@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--batch-size", dest="pipeline_batch_size", type=_positive, default=64)
     pipe.add_argument("--labeled-per-batch", type=_positive, default=16)
     pipe.add_argument("--backends", default="dali,torch", help="comma-separated backends (dali,torch)")
+    pipe.add_argument("--source", choices=("local", "s3"), default="local",
+                      help="s3: each backend from a local moto S3 server vs local disk (needs moto[server])")
     train = sub.add_parser("train", parents=[common, device], help="Mean Teacher step vs supervised step")
     train.add_argument("--model", dest="train_model", help="timm model (default resnet18 CPU, resnet152 GPU)")
     train.add_argument("--image-size", type=_positive, help="input resolution (default 64 CPU, 224 GPU)")
@@ -177,6 +179,11 @@ def run_pipeline(args: argparse.Namespace, work_dir: Path) -> list[dict]:
 
     tree = prepare_tree(args.images, work_dir, args.count, args.size, args.seed)
     backends = tuple(name.strip() for name in args.backends.split(",") if name.strip())
+    if getattr(args, "source", "local") == "s3":
+        from mt_scale.bench_s3 import bench_s3_source
+
+        return bench_s3_source(tree, work_dir, args.repeats, args.pipeline_batch_size, args.labeled_per_batch,
+                               args.workers, backends)
     results = bench_pipeline(
         tree,
         work_dir,

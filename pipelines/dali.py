@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import torch
 
@@ -19,33 +21,80 @@ from pipelines.loaders import LoaderRequest, TrainLoader, ValLoader
 from pipelines.mixing import batches_per_epoch, compose_batch, reads_whole_split, sample_range, seed_for
 from pipelines.reading import Split, shard_index
 from shard_tools import storage
-from shard_tools.format import IMAGE_EXT, LABEL_EXT, index_name
+from shard_tools.format import IMAGE_EXT, LABEL_EXT, ShardFormatError, index_name
 
 
-def check_jpeg_members(split: Split) -> int:
-    """Check every image of `split` starts with a JPEG SOI marker and ends with EOI (two small reads each).
+def check_jpeg_members(split: Split, samples: range | None = None) -> int:
+    """Check every image of `samples` (default: the whole split) starts with a JPEG SOI marker and ends with
+    EOI: two small spans per image, read with one call per shard (in object storage: one ranged GET).
 
     DALI 2.4's CPU decoder crashes the process (SIGSEGV) on an undecodable image, so the DALI backend
-    refuses damaged shards up front. Damage inside a well-formed JPEG is not caught here; `mt-shard
-    verify` (sha256) catches any change after packing. Returns the number of images checked.
+    refuses damaged shards up front, for the samples each reader will read. Damage inside a
+    well-formed JPEG is not caught here; `mt-shard verify` (sha256) catches any change after packing.
+    Returns the number of images checked.
     """
     checked = 0
-    for number, shard in enumerate(split.shards):
+    for number, first, stop in split.pieces(range(split.total) if samples is None else samples):
+        shard = split.shards[number]
         index = shard_index(split, number)
         ranges = []
-        for offset, size, _ in index.table.tolist():
+        for offset, size, _ in index.table[first:stop].tolist():
             ranges += [(offset, 3), (offset + max(size - 32, 0), min(size, 32))]
         try:
             spans = storage.read_ranges(shard, ranges)
         except OSError as exc:
             raise PipelineError(f"{shard}: unreadable ({exc}); check the set with `mt-shard verify`") from None
-        for row, key in enumerate(index.keys):
+        except ShardFormatError as exc:  # object storage, after its retries
+            raise PipelineError(str(exc)) from None
+        for row, key in enumerate(index.keys[first:stop]):
             if spans[2 * row] != b"\xff\xd8\xff" or b"\xff\xd9" not in spans[2 * row + 1]:
                 raise PipelineError(
                     f"{shard}: member {key}.{IMAGE_EXT} is not a complete JPEG; re-pack this shard (check the set "
                     "with `mt-shard verify`) or use backend=torch, which skips undecodable images")
-        checked += len(index.keys)
+        checked += stop - first
     return checked
+
+
+def _endpoint_key(endpoint: str) -> tuple[str, str, int | None, str]:
+    parts = urlsplit(endpoint.strip())
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/")
+
+
+def _shown_endpoint(endpoint: str) -> str:
+    parts = urlsplit(endpoint)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")  # never user:password@
+
+
+def check_dali_endpoint(url: str) -> None:
+    """Refuse (one line) a setup where DALI would read `url` from another store than boto3 does.
+
+    DALI 2.4 takes a custom endpoint only from AWS_ENDPOINT_URL; AWS_ENDPOINT_URL_S3 and a profile's
+    endpoint_url reach boto3 (our manifest and index reads) but not DALI, which would then ask AWS
+    itself and report a misleading "object not found". Setting AWS_ENDPOINT_URL for the user is not
+    safe: it would also redirect every other AWS service (STS for role profiles) to the store.
+    """
+    from shard_tools import s3
+
+    try:
+        resolved = str(s3.client().meta.endpoint_url)  # type: ignore[attr-defined]
+    except ShardFormatError as exc:
+        raise PipelineError(str(exc)) from None
+    dali_endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
+    if dali_endpoint:
+        if _endpoint_key(dali_endpoint) == _endpoint_key(resolved):
+            return
+        seen = f"AWS_ENDPOINT_URL is {_shown_endpoint(dali_endpoint)}"
+    else:
+        host = _endpoint_key(resolved)[1]
+        if host.endswith((".amazonaws.com", ".amazonaws.com.cn")):
+            return  # AWS S3 itself: DALI's client finds it by region
+        seen = "AWS_ENDPOINT_URL is not set"
+    raise PipelineError(
+        f"{url}: the set is at {_shown_endpoint(resolved)} (from AWS_ENDPOINT_URL_S3 or the profile's endpoint_url) "
+        f"but DALI reads the endpoint only from AWS_ENDPOINT_URL, and {seen}; set "
+        f"AWS_ENDPOINT_URL={_shown_endpoint(resolved)}, or use data.backend=torch"
+    )
 
 
 def _scalar_xy(x, y):
@@ -175,8 +224,9 @@ def _run(pipe, shards: list[str]):
         return pipe.run()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise PipelineError(f"DALI failed reading {len(shards)} shard(s) starting {shards[0]}: {first}; "
-                            "check the set with `mt-shard verify` and re-pack damaged shards") from None
+        fix = ("check that the store is up and AWS_ENDPOINT_URL points at it, and the set with `mt-shard verify`"
+               if storage.is_remote(shards[0]) else "check the set with `mt-shard verify` and re-pack damaged shards")
+        raise PipelineError(f"DALI failed reading {len(shards)} shard(s) starting {shards[0]}: {first}; {fix}") from None
 
 
 class _DaliStream:
@@ -241,9 +291,8 @@ def build_dali_loaders(request: LoaderRequest) -> tuple[TrainLoader, ValLoader]:
     if device_id is None and torch.cuda.is_available():
         device_id = torch.cuda.current_device()
     labeled_rows, unlabeled_rows = cfg.labeled_per_batch, cfg.unlabeled_per_batch
-    for split in (request.labeled, request.unlabeled, request.val):
-        if split is not request.unlabeled or unlabeled_rows:
-            check_jpeg_members(split)
+    if storage.is_remote(request.labeled.shards[0]):
+        check_dali_endpoint(request.labeled.shards[0])  # DALI reads the s3:// shards and indexes itself
     views = (request.student, request.teacher)
     lab = _DaliStream(request.labeled, views, labeled_rows, cfg, rank, world_size, unlabeled_rows > 0,
                       "labeled", device_id, with_keys=with_keys)
@@ -257,6 +306,9 @@ def build_dali_loaders(request: LoaderRequest) -> tuple[TrainLoader, ValLoader]:
                              device_id, shuffle=False, with_keys=with_keys)
     val_batches = max(math.ceil(len(sample_range(request.val.total, r, world_size)) / cfg.eval_batch_size)
                       for r in range(world_size))
+    for stream, split in ((lab, request.labeled), (unl, request.unlabeled), (val_stream, request.val)):
+        if stream is not None:  # the samples this rank's readers will read, before DALI decodes one
+            check_jpeg_members(split, sample_range(split.total, stream.shard_id, stream.num_shards))
 
     def val_pass() -> Iterator[dict]:
         remaining = val_stream.samples

@@ -1,7 +1,8 @@
 """Reading by sample: a split's samples located through the DALI indexes, read as one byte span per shard.
 
-Every read (manifest, index, shard span) goes through shard_tools.storage. A missing index is
-refused with one line (both backends need it; `wds2idx` or a re-pack rebuilds it).
+Every read (manifest, index, shard span) goes through shard_tools.storage, so a set may be a local
+folder or an s3://bucket/prefix (a span is then one ranged GET). A missing index is refused with one
+line (both backends need it; `wds2idx` or a re-pack rebuilds it).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def open_set(base: str) -> tuple[Manifest, dict[str, Split]]:
     base = str(base)
     url = storage.join(base, MANIFEST_NAME)
     try:
-        if not storage.exists(url):
+        # object storage: the read itself says "no such object ... upload the set with mt-shard push"
+        if not storage.is_remote(base) and not storage.exists(url):
             if not storage.exists(base):
                 raise PipelineError(f"{base}: no such shard set folder; pack one with mt-shard pack")
             raise PipelineError(f"{url}: missing; this folder is not a shard set (pack one with mt-shard pack)")
@@ -97,13 +99,15 @@ def shard_index(split: Split, number: int) -> ShardIndex:
     shard = split.shards[number]
     index = index_name(shard)
     try:
-        if not storage.exists(shard):
-            raise PipelineError(f"{shard}: shard listed in the manifest is missing; re-pack or copy the set again")
+        try:
+            shard_bytes = storage.size(shard)
+        except FileNotFoundError:
+            fix = "push the set again (mt-shard push)" if storage.is_remote(shard) else "re-pack or copy the set again"
+            raise PipelineError(f"{shard}: shard listed in the manifest is missing; {fix}") from None
         if not storage.exists(index):
             raise PipelineError(f"{index}: DALI index missing; rebuild it with `wds2idx {shard} {index}` or re-pack "
                                 "the set with mt-shard pack")
         samples = parse_index(storage.read_bytes(index).decode(), index)
-        shard_bytes = storage.size(shard)
     except ShardFormatError as exc:
         raise PipelineError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -140,9 +144,11 @@ def read_piece(split: Split, number: int, first: int, stop: int, index: ShardInd
     start = int(min(rows[:, 0].min(), rows[:, 2].min()))
     end = int(max((rows[:, 0] + rows[:, 1]).max(), rows[:, 2].max() + 4))
     try:
-        span = storage.read_range(shard, start, end - start)
+        span = storage.read_range(shard, start, end - start)  # object storage: one ranged GET
     except OSError as exc:
         raise PipelineError(f"{shard}: unreadable ({exc}); {VERIFY}") from None
+    except ShardFormatError as exc:  # object storage, after its retries: names the URL and the fix
+        raise PipelineError(str(exc)) from None
     if len(span) != end - start:
         raise PipelineError(f"{shard}: ends before byte {end} that its index lists, so the shard is truncated; "
                             f"{VERIFY} and copy or re-pack it")

@@ -32,6 +32,7 @@ from pipelines.mixing import (
     worker_quotas,
 )
 from pipelines.reading import Sample, Split, draws
+from shard_tools import storage
 
 # OpenCV decodes to BGR; this column permutation makes a colour matrix read BGR and write RGB
 _BGR_TO_RGB = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.float64)
@@ -193,6 +194,22 @@ def _guarded(batches: Iterator[dict]) -> Iterator[dict]:
         yield {"_error": str(exc)}
 
 
+def _storage_environment(request: LoaderRequest) -> dict[str, str] | None:
+    """The AWS settings the workers need when the set is in object storage (None for a local set)."""
+    urls = [split.shards[0] for split in (request.labeled, request.unlabeled, request.val) if split.shards]
+    return storage.environment(urls[0]) if urls else None
+
+
+def _worker_start(storage_environment: dict[str, str] | None) -> int:
+    """Set up a worker (or the main process when workers=0); its worker number."""
+    info = get_worker_info()
+    cv2.setNumThreads(1)  # each worker is one core's worth of parallelism
+    if info is not None:
+        # a forkserver started before the AWS settings were (a notebook, a test) passed on stale ones
+        storage.apply_environment(storage_environment)
+    return info.id if info is not None else 0
+
+
 class TrainStream(IterableDataset):
     """Per-worker producer of finished two-view batches (L labeled rows, then U unlabeled)."""
 
@@ -205,6 +222,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.workers = request.rank, request.world_size, max(cfg.workers, 1)
         self.epoch = 0
         self.starts: list[list[int]] | None = None  # per worker: batches, labeled and unlabeled draws to skip
+        self.storage_environment = _storage_environment(request)
 
     def quotas(self) -> list[int]:
         split, rows = (self.unlabeled, self.unlabeled_rows) if self.unlabeled_rows else (self.labeled, self.labeled_rows)
@@ -220,9 +238,7 @@ class TrainStream(IterableDataset):
         return Draws(split, samples, (self.seed, self.epoch, self.rank, worker, tag), self.shuffle_buffer)
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        cv2.setNumThreads(1)  # each worker is one core's worth of parallelism
-        return _guarded(self._batches(info.id if info is not None else 0))
+        return _guarded(self._batches(_worker_start(self.storage_environment)))
 
     def _batches(self, worker: int) -> Iterator[dict]:
         labeled_rows, batch_size = self.labeled_rows, self.labeled_rows + self.unlabeled_rows
@@ -267,6 +283,7 @@ class ValStream(IterableDataset):
         self.split, self.spec, self.batch_size = request.val, request.eval_spec, request.cfg.eval_batch_size
         self.rank, self.world_size, self.workers = request.rank, request.world_size, max(request.cfg.workers, 1)
         self.with_keys = request.with_keys
+        self.storage_environment = _storage_environment(request)
 
     def samples(self, worker: int, rank: int | None = None) -> range:
         rank = self.rank if rank is None else rank
@@ -278,9 +295,7 @@ class ValStream(IterableDataset):
                    for r in range(self.world_size))
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        cv2.setNumThreads(1)
-        return _guarded(self._batches(info.id if info is not None else 0))
+        return _guarded(self._batches(_worker_start(self.storage_environment)))
 
     def _batches(self, worker: int) -> Iterator[dict]:
         rng = np.random.default_rng(0)  # eval views draw nothing random; kept for the shared signature

@@ -1,4 +1,8 @@
-"""`mt-shard`: pack image collections into shard sets, check them, describe them, re-split them."""
+"""`mt-shard`: pack image collections into shard sets, check them, describe them, re-split them, push them.
+
+Sets in object storage (s3://bucket/prefix) work with pack, push, verify and info; each subcommand
+imports what it needs when it runs: `info` and `verify` load neither torch nor OpenCV (boto3 only for s3://).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("source", metavar="SRC",
                       help="SRC/train/<class>/* (+ SRC/val/<class>/*), SRC/<class>/*, a '<path> <class>' list, "
                            "ILSVRC2012_img_train.tar, cifar-10-binary.tar.gz, or digits")
-    pack.add_argument("out", metavar="OUT", help="the shard set folder to write (new, empty, or an unfinished pack)")
+    pack.add_argument("out", metavar="OUT", help="the shard set folder to write (new, empty, or an unfinished pack), "
+                      "or s3://bucket/prefix: packed in a local staging folder, then pushed (manifest last)")
     _add_label_options(pack)
     pack.add_argument("--val-fraction", type=float, metavar="F",
                       help="hold out this class-balanced fraction for val when SRC has no val part "
@@ -49,13 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("--shard-bytes", type=int, metavar="B", help="also cap shards at about B bytes")
     pack.add_argument("--workers", type=int, metavar="N", help="parallel processes (default: all cores)")
     pack.add_argument("--quiet", action="store_true", help="no progress bar")
+    pack.add_argument("--staging", metavar="DIR",
+                      help="with an s3:// OUT: pack into DIR and keep it (default: a private temporary folder, "
+                           "the same for the same OUT so a rerun resumes, removed once pushed)")
 
     verify = commands.add_parser("verify", help="check a shard set: hashes, counts, keys, indexes, label mask")
-    verify.add_argument("out", metavar="OUT")
+    verify.add_argument("out", metavar="OUT", help="the shard set folder, or s3://bucket/prefix")
     verify.add_argument("--decode", action="store_true", help="also decode every image")
 
     info = commands.add_parser("info", help="describe a shard set")
-    info.add_argument("out", metavar="OUT")
+    info.add_argument("out", metavar="OUT", help="the shard set folder, or s3://bucket/prefix")
 
     resplit = commands.add_parser("resplit", help="a new label split of a set, copying tar members (no decoding)")
     resplit.add_argument("out", metavar="OUT", help="the existing shard set")
@@ -74,17 +82,26 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "pack":
-        from shard_tools.pack import pack
-
-        summary = pack(
-            args.source, args.out, labels_per_class=args.labels_per_class, label_fraction=args.label_fraction,
+        options = dict(
+            labels_per_class=args.labels_per_class, label_fraction=args.label_fraction,
             labels_file=args.labels_file, seed=args.seed, val_fraction=args.val_fraction, max_side=args.max_side,
             quality=args.quality, shard_size=args.shard_size, shard_bytes=args.shard_bytes, workers=args.workers,
             progress=not args.quiet, classes_file=args.classes_file, val_list=args.val_list,
             val_labels=args.val_labels,
             max_pixels=args.max_pixels,
         )
-        print(summary.line())
+        if args.out.startswith("s3://"):
+            from shard_tools.pack_s3 import pack_to_s3
+
+            packed, pushed, kept = pack_to_s3(args.source, args.out, staging=args.staging, **options)
+            print(packed.line())
+            print(pushed.line() + (f"; local copy kept in {kept}" if kept else "; staging folder removed"))
+            return 0
+        if args.staging:
+            raise ShardFormatError(f"--staging {args.staging}: only with an s3:// OUT; {args.out} is written in place")
+        from shard_tools.pack import pack
+
+        print(pack(args.source, args.out, **options).line())
         return 0
     if args.command == "verify":
         from shard_tools.verify import verify

@@ -19,6 +19,7 @@ import json
 import re
 import struct
 import tarfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,23 +71,31 @@ def build_index(tar_path: str | Path) -> str:
     First line `v1.2 <samples>`, then one line per sample listing each component as
     `<ext> <data offset> <size> <member name>`; members sharing a key are one sample.
     """
+    with tarfile.open(tar_path, "r:") as archive:
+        return index_text(archive, tar_path)
+
+
+def index_text(members: Iterable[tarfile.TarInfo], tar_path: str | Path) -> str:
+    """The DALI index text of the tar whose members (in tar order) are `members`; see build_index.
+
+    Takes members from any reader (a seekable tar, or one streamed once from object storage).
+    """
     samples: list[list[str]] = []
     last_key = None
-    with tarfile.open(tar_path, "r:") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            # Split as wds2idx does: the extension starts at the first dot of the file name.
-            dot = member.name.find(".", member.name.rfind("/") + 1)
-            key, ext = member.name[:dot], member.name[dot + 1 :]
-            if dot < 0 or not key or key.endswith("/"):
-                continue
-            entry = f"{ext} {member.offset_data} {member.size} {member.name}"
-            if key != last_key:
-                samples.append([entry])
-                last_key = key
-            else:
-                samples[-1].append(entry)
+    for member in members:
+        if not member.isfile():
+            continue
+        # Split as wds2idx does: the extension starts at the first dot of the file name.
+        dot = member.name.find(".", member.name.rfind("/") + 1)
+        key, ext = member.name[:dot], member.name[dot + 1 :]
+        if dot < 0 or not key or key.endswith("/"):
+            continue
+        entry = f"{ext} {member.offset_data} {member.size} {member.name}"
+        if key != last_key:
+            samples.append([entry])
+            last_key = key
+        else:
+            samples[-1].append(entry)
     if not samples:
         raise ShardFormatError(f"{tar_path}: holds no samples; re-pack the set with mt-shard pack")
     return f"{INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(sample) + "\n" for sample in samples)
@@ -392,30 +401,51 @@ def _label_split_problems(label_split: object, classes: list | None) -> list[str
     return problems
 
 
+def manifest_path(shard_dir: str | Path) -> str:
+    """Where a set's manifest is: `<folder>/manifest.json` or `s3://bucket/prefix/manifest.json`."""
+    from shard_tools import storage
+
+    base = str(shard_dir)
+    return storage.join(base, MANIFEST_NAME) if storage.is_remote(base) else str(Path(base) / MANIFEST_NAME)
+
+
 def read_manifest_data(shard_dir: str | Path) -> dict:
-    """The manifest's JSON object, unchecked (verify lists its problems; read_manifest refuses them)."""
-    path = Path(shard_dir) / MANIFEST_NAME
-    if not Path(shard_dir).is_dir():
-        raise ShardFormatError(f"{shard_dir}: no such shard set folder; pack one with mt-shard pack")
-    if not path.is_file():
-        raise ShardFormatError(f"{path}: missing; this folder is not a shard set (pack one with mt-shard pack)")
+    """The manifest's JSON object, unchecked (verify lists its problems; read_manifest refuses them).
+
+    `shard_dir` is a local folder or an s3://bucket/prefix URL; the manifest is read through
+    shard_tools.storage either way.
+    """
+    from shard_tools import storage
+
+    base = str(shard_dir)
+    path = manifest_path(base)
+    if not storage.is_remote(base):
+        if not Path(base).is_dir():
+            raise ShardFormatError(f"{shard_dir}: no such shard set folder; pack one with mt-shard pack")
+        if not Path(path).is_file():
+            raise ShardFormatError(f"{path}: missing; this folder is not a shard set (pack one with mt-shard pack)")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(storage.read_bytes(path).decode("utf-8"))  # object storage: a missing one is one line
     except (OSError, ValueError, RecursionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)[:80]
         raise ShardFormatError(f"{path}: unreadable manifest ({reason}); re-pack the set") from None
-    check_manifest_header(data, str(path))
+    check_manifest_header(data, path)
     return data
 
 
 def read_manifest(shard_dir: str | Path) -> Manifest:
-    """The checked manifest of a set: every reader (verify, info, resplit, the loaders) comes here."""
-    return Manifest.from_dict(read_manifest_data(shard_dir), str(Path(shard_dir) / MANIFEST_NAME))
+    """The checked manifest of a set (a folder or s3:// prefix): every reader (verify, info, resplit, the
+    loaders) comes here."""
+    return Manifest.from_dict(read_manifest_data(shard_dir), manifest_path(shard_dir))
 
 
 def shard_paths(shard_dir: str | Path, split: str) -> list[str]:
-    """Absolute paths of a split's shards, in manifest order."""
+    """Paths (URLs) of a split's shards, in manifest order."""
+    from shard_tools import storage
+
     manifest = read_manifest(shard_dir)
+    if storage.is_remote(str(shard_dir)):
+        return [storage.join(str(shard_dir), name) for name in manifest.split(split).shards]
     return [str(Path(shard_dir) / name) for name in manifest.split(split).shards]
 
 
@@ -425,13 +455,15 @@ def parse_key_classes(path: str | Path, classes: list[str] | None = None) -> tup
     Keys must be valid keys and appear once; with `classes`, each class must be one of them. At
     most a few problems are listed one by one, then counted.
     """
-    path = Path(path)
+    from shard_tools import storage
+
+    name = storage.name_of(str(path))
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = storage.read_bytes(str(path)).decode("utf-8")
     except OSError as exc:
-        return {}, [f"{path.name}: unreadable ({exc.strerror})"]
+        return {}, [f"{name}: unreadable ({exc.strerror})"]
     except UnicodeDecodeError:
-        return {}, [f"{path.name}: not a text file"]
+        return {}, [f"{name}: not a text file"]
     pairs: dict[str, str] = {}
     problems: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -449,7 +481,7 @@ def parse_key_classes(path: str | Path, classes: list[str] | None = None) -> tup
         else:
             pairs[fields[0]] = fields[1]
             continue
-        problems.append(f"{path.name}:{number}: {problem}")
+        problems.append(f"{name}:{number}: {problem}")
     if len(problems) > 5:
-        problems = problems[:5] + [f"{path.name}: {len(problems) - 5} more damaged lines"]
+        problems = problems[:5] + [f"{name}: {len(problems) - 5} more damaged lines"]
     return pairs, problems

@@ -309,6 +309,9 @@ def pack(
     `max_pixels` caps width x height of an input image (default: PIL's own cap, DEFAULT_MAX_PIXELS);
     a larger one is skipped from its header, never decoded.
     """
+    if "://" in str(out_dir):  # Path() would turn s3://b/set into a local folder s3:/b/set
+        raise ShardFormatError(f"{out_dir}: pack writes a local folder; for object storage use "
+                               "shard_tools.pack_s3.pack_to_s3 (what `mt-shard pack SRC s3://...` runs)")
     started = time.perf_counter()
     workers = default_workers() if workers is None else int(workers)
     _check_options(quality, shard_size, shard_bytes, workers, max_side, labels_per_class, label_fraction, labels_file,

@@ -116,6 +116,14 @@ def test_reads_give_the_local_bytes(s3_env: str, digits_set: Path):
         chunks += 1
     assert digest.hexdigest() == manifest.split("val").sha256[0] and chunks > 1
     assert s3.exists(s3.join(url, shard)) and not s3.exists(s3.join(url, "val-999999.tar"))
+    # through storage (what the loaders call): the same bytes, several nearby ranges cut from one read
+    from shard_tools import storage
+
+    ranges = [(samples[i][1]["jpg"][0], 3) for i in range(5)] + [(samples[2][1]["lbl"][0], 4)]
+    assert storage.read_ranges(s3.join(url, shard), ranges) == [local[a : a + n] for a, n in ranges]
+    assert storage.size(s3.join(url, shard)) == len(local)
+    with pytest.raises(FileNotFoundError):
+        storage.size(s3.join(url, "val-999999.tar"))
     with pytest.raises(ShardFormatError, match="past the object's end") as error:
         s3.read_range(s3.join(url, shard), len(local) + 10, 5)
     assert shard in _one_line(error)
@@ -351,3 +359,114 @@ def test_dali_reads_a_pushed_set_through_aws_endpoint_url(s3_env: str, digits_se
         return [(images.at(i).tobytes(), int(labels.at(i)[0])) for i in range(8)]
 
     assert first_batch(url) == first_batch(str(digits_set))
+
+
+# --- reading a pushed set: info, verify, pack straight to s3:// (issue 12, phase 2) ---
+
+
+def test_info_and_verify_read_an_s3_set(s3_server, s3_env: str, digits_set: Path, capsys):
+    url = f"{s3_env}/checked"
+    push_module.push(digits_set, url, workers=4, progress=False)
+    assert main(["info", str(digits_set)]) == 0
+    local = capsys.readouterr().out.splitlines()
+    assert main(["info", url]) == 0
+    remote = capsys.readouterr().out.splitlines()
+    assert remote[0] == local[0].replace(str(digits_set), url) and remote[1:] == local[1:]
+
+    since = len(s3_server.requests())
+    assert main(["verify", url, "--decode"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [f"{url}: OK"]
+    # each shard is streamed once: one GET per shard, whatever its size
+    prefix = "/" + url[len("s3://") :] + "/"
+    tar_gets = [path[len(prefix) :] for method, path in s3_server.requests()[since:]
+                if method == "GET" and path.startswith(prefix) and path.endswith(".tar")]
+    manifest = read_manifest(digits_set)
+    assert sorted(tar_gets) == sorted(name for split in SPLITS for name in manifest.split(split).shards)
+
+
+def test_verify_catches_a_flipped_byte_a_missing_shard_and_stray_objects(s3_env: str, digits_set: Path, capsys):
+    url = f"{s3_env}/flipped"
+    bucket, _ = s3.parse_url(url)
+    push_module.push(digits_set, url, workers=4, progress=False)
+    manifest = read_manifest(digits_set)
+    shard = manifest.split("train-unlabeled").shards[0]
+    offset, size = parse_index((digits_set / index_name(shard)).read_text())[7][1]["jpg"]
+    damaged = bytearray((digits_set / shard).read_bytes())
+    damaged[offset + size // 2] ^= 0x01  # one bit inside an image: the tar and its index stay valid
+    s3.client().put_object(Bucket=bucket, Key=f"flipped/{shard}", Body=bytes(damaged))
+    assert main(["verify", url]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"{shard}: sha256 differs from the manifest (the file changed or is damaged)", f"{url}: 1 problem(s)"]
+
+    missing = manifest.split("val").shards[-1]
+    s3.client().delete_object(Bucket=bucket, Key=f"flipped/{missing}")
+    s3.client().put_object(Bucket=bucket, Key="flipped/notes.txt", Body=b"x")
+    s3.client().put_object(Bucket=bucket, Key="flipped/old/val-000000.tar", Body=b"x")
+    assert main(["verify", url]) == 1
+    out = capsys.readouterr().out
+    assert f"{missing}: missing" in out and "notes.txt: an unexpected object under the prefix" in out
+    assert "old/: unexpected objects under the prefix" in out and out.strip().endswith("4 problem(s)"), out
+
+
+def test_info_and_verify_failures_are_one_line(s3_env: str, capsys):
+    for command in ("info", "verify"):
+        line = _cli_error(capsys, [command, "s3://no-such-bucket-mt/set"])
+        assert "s3://no-such-bucket-mt/set/manifest.json: no bucket 'no-such-bucket-mt'" in line
+        line = _cli_error(capsys, [command, f"{s3_env}/nothing"])
+        assert f"{s3_env}/nothing/manifest.json: no such object" in line and "mt-shard push" in line
+
+
+def test_pack_to_s3_stages_locally_then_pushes(s3_env: str, digits_set: Path, tmp_path: Path, capsys):
+    from shard_tools.pack_s3 import staging_folder
+
+    url = f"{s3_env}/packed"
+    argv = ["pack", "digits", url, "--labels-per-class", "5", "--workers", "1", "--quiet"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("packed 1797 images") and lines[1].startswith("pushed "), lines
+    assert lines[1].endswith("staging folder removed") and not staging_folder(url).exists()
+    files = _set_names(digits_set)
+    assert set(s3.list_names(url)) == files
+    for name in files:  # the bytes of a local pack with the same options
+        assert s3.read_bytes(s3.join(url, name)) == (digits_set / name).read_bytes(), name
+
+    # the prefix now holds a set: refused before packing anything
+    line = _cli_error(capsys, argv)
+    assert "already holds a complete shard set" in line and "new prefix" in line
+
+    # --staging keeps the local copy; it is refused with a local OUT
+    kept = tmp_path / "copy"
+    assert main([*argv[:2], f"{s3_env}/kept", *argv[3:], "--staging", str(kept)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"local copy kept in {kept}")
+    assert _set_names(kept) == files
+    line = _cli_error(capsys, ["pack", "digits", str(tmp_path / "local"), "--staging", str(kept), "--quiet"])
+    assert "--staging" in line and "only with an s3:// OUT" in line
+    # the Python API never turns a URL into a local folder named "s3:"
+    with pytest.raises(ShardFormatError, match="pack writes a local folder"):
+        pack("digits", f"{s3_env}/api", labels_per_class=5, workers=1, progress=False)
+    assert not Path("s3:").exists()
+
+
+def test_pack_to_s3_resumes_the_push_without_packing_again(s3_env: str, digits_set: Path, monkeypatch):
+    from shard_tools.pack_s3 import pack_to_s3, staging_folder
+
+    url = f"{s3_env}/resumed"
+    real_upload = s3.upload_file
+    done: list[str] = []
+
+    def upload_then_fail(path, target, **kwargs):
+        if len(done) == 3:
+            raise ShardFormatError(f"{target}: injected failure")
+        real_upload(path, target, **kwargs)
+        done.append(target)
+
+    monkeypatch.setattr(push_module.s3, "upload_file", upload_then_fail)
+    options = dict(labels_per_class=5, workers=1, progress=False, push_workers=1)
+    with pytest.raises(ShardFormatError, match="injected failure"):
+        pack_to_s3("digits", url, **options)
+    assert staging_folder(url).is_dir() and MANIFEST_NAME not in s3.list_names(url)
+
+    monkeypatch.setattr(push_module.s3, "upload_file", real_upload)
+    packed, pushed, kept = pack_to_s3("digits", url, **options)
+    assert packed.already_complete and (pushed.skipped, kept) == (3, None) and not staging_folder(url).exists()
+    assert set(s3.list_names(url)) == _set_names(digits_set)

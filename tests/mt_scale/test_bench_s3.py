@@ -1,0 +1,32 @@
+"""mt-bench pipeline --source s3: the same set from a local moto S3 server and from local disk, one run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mt_scale import bench
+
+
+@pytest.mark.timeout(300)
+def test_pipeline_from_s3_beside_local_disk(photo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench.json"
+    aws_before = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    argv = ["pipeline", "--source", "s3", "--images", str(photo_tree), "--batch-size", "8", "--labeled-per-batch",
+            "2", "--workers", "1", "--repeats", "1", "--backends", "torch", "--json", str(out), "--work-dir",
+            str(tmp_path / "work")]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"pipeline/torch_local", "pipeline/torch_s3", "pipeline/torch_s3_vs_local"}
+    assert all(name in printed for name in results)
+    local, remote = results["pipeline/torch_local"], results["pipeline/torch_s3"]
+    # the photo tree's 64 training images: 48 unlabeled in batches of 6 (+2 labeled) = 8 batches of 8 rows
+    assert local["detail"]["images_per_epoch"] == remote["detail"]["images_per_epoch"] == 64
+    assert 0 < remote["detail"]["shard_gets_per_epoch"] <= 8  # spans, never one per image
+    ratio = results["pipeline/torch_s3_vs_local"]
+    assert ratio["median"] == pytest.approx(remote["values"][0] / local["values"][0]) and ratio["detail"]["aim"] == ">= 0.8"
+    assert {k: v for k, v in os.environ.items() if k.startswith("AWS_")} == aws_before  # restored
