@@ -188,13 +188,13 @@ def test_consistency_weight_uses_integer_epoch_like_the_reference():
 
 
 def test_learning_rate_follows_the_imagenet_recipe():
-    optim = load_config("imagenet-10pct-resnet152").optim  # 0.1 -> 0.025 over 2 epochs, cosine 75
+    optim = load_config("imagenet-10pct-resnet152").optim  # 0.1 -> 0.25 over 2 epochs (the ramps UP), cosine 75
     assert learning_rate(optim, 0.0) == pytest.approx(0.1)
-    ramp_mid = 0.5 * (0.025 - 0.1) + 0.1
+    ramp_mid = 0.5 * (0.25 - 0.1) + 0.1
     assert learning_rate(optim, 1.0) == pytest.approx(ramp_mid * 0.5 * (math.cos(math.pi / 75) + 1))
-    assert learning_rate(optim, 30.5) == pytest.approx(0.025 * 0.5 * (math.cos(math.pi * 30.5 / 75) + 1))
+    assert learning_rate(optim, 30.5) == pytest.approx(0.25 * 0.5 * (math.cos(math.pi * 30.5 / 75) + 1))
     optim.schedule_per_step = False
-    assert learning_rate(optim, 30.5) == pytest.approx(0.025 * 0.5 * (math.cos(math.pi * 30 / 75) + 1))
+    assert learning_rate(optim, 30.5) == pytest.approx(0.25 * 0.5 * (math.cos(math.pi * 30 / 75) + 1))
 
 
 def test_learning_rate_without_ramps_is_constant():

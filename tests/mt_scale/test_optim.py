@@ -49,10 +49,10 @@ def test_scheduler_gives_the_reference_lr_at_every_step():
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    # step 0: initial_lr 0.1; step 6 = epoch 1.5: 3/4 of the way from 0.1 to 0.025, times the cosine
+    # step 0: initial_lr 0.1; step 6 = epoch 1.5: 3/4 of the way from 0.1 up to the global 0.25, times the cosine
     assert seen[0] == pytest.approx(0.1)
-    assert seen[6] == pytest.approx((0.1 + 0.75 * (0.025 - 0.1)) * 0.5 * (math.cos(math.pi * 1.5 / 75) + 1))
-    assert seen[9] == pytest.approx(0.025 * 0.5 * (math.cos(math.pi * 2.25 / 75) + 1))
+    assert seen[6] == pytest.approx((0.1 + 0.75 * (0.25 - 0.1)) * 0.5 * (math.cos(math.pi * 1.5 / 75) + 1))
+    assert seen[9] == pytest.approx(0.25 * 0.5 * (math.cos(math.pi * 2.25 / 75) + 1))
     assert seen == pytest.approx([learning_rate(cfg, step / 4) for step in range(12)])
 
 
