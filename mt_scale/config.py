@@ -90,6 +90,7 @@ class RunConfig:
     shards: str = ""  # the shard set directory (mt-shard pack output)
     batch_scope: str = "per_device"  # "global": data batch sizes and optim.lr are per optimizer step
     max_device_batch: int = 0  # global scope: most rows one device takes per micro-batch (0 = no cap)
+    log_with: str = "tensorboard"  # Accelerate's trackers, comma-separated (wandb, mlflow, aim...), or none
 
 
 @dataclass

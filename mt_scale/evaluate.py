@@ -17,6 +17,9 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+# The scores `evaluate` returns besides "count", in the order the metrics log shows them.
+SCORE_NAMES = ("top1_error", "top5_error", "loss")
+
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
     """For each k, how many rows have their label among the k highest logits (k capped at classes)."""

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from shard_tools.errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # Ctrl-C
+
 EXIT_PREEMPTED = (
     143  # 128 + SIGTERM: what a shell reports for a process SIGTERM ended; a checkpoint was written
 )
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 
 
 def _ignore_child(signum: int, frame: Any) -> None:

@@ -31,12 +31,13 @@ from mt_scale.checkpoint import (
     data_state_name,
     rng_state_name,
 )
+from mt_scale.cli import train_main as main
 from mt_scale.config import load_config
 from mt_scale.errors import MtScaleError
 from mt_scale.model import create_model
 from mt_scale.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest, next_batch
 from mt_scale.report import read_metrics
-from mt_scale.train import main, train
+from mt_scale.train import train
 
 SETTINGS = [
     "data.workers=0",
