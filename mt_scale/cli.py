@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from shard_tools.errors import print_line, run_cli
 
@@ -70,10 +71,62 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_main(argv: list[str] | None = None) -> int:
-    from mt_scale.bench import main
+def build_bench_parser() -> argparse.ArgumentParser:
+    """mt-bench's parser: one subcommand per stage, its flags read from the stage's options dataclass."""
+    from mt_scale.bench.common import add_options
+    from mt_scale.bench.runner import STAGES
 
-    return main(sys.argv[1:] if argv is None else argv)
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    output.add_argument("--work-dir", type=Path, help="keep generated inputs here (default: a temp dir)")
+    output.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser = argparse.ArgumentParser(
+        prog="mt-bench", description="Time each stage of mt-scale beside the alternative a user would otherwise run."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, stage in STAGES.items():
+        command = commands.add_parser(name, parents=[output], help=stage.help)
+        add_options(command, stage.options)
+        if stage.plot is not None:
+            command.add_argument("--plot", type=Path, help="write a PNG chart of the stage's figures")
+    every = commands.add_parser("all", parents=[output], help="every stage; stage options as --<stage>-<option>")
+    added: set[str] = set()
+    for name, stage in STAGES.items():
+        add_options(every, stage.options, prefix=name, added=added)
+    every.add_argument("--plot", type=Path, help="write a PNG chart of the pipeline comparison")
+    return parser
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """mt-bench; returns the exit status (2: a user error or an unwritable output, one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_bench_parser().parse_args(argv)
+    return run_cli("mt-bench", lambda: _bench(args, argv), os_hint="check --images and --work-dir")
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from mt_scale.bench.common import options_from
+    from mt_scale.bench.runner import STAGES, format_table, run_stages, write_outputs
+    from mt_scale.errors import MtScaleError, os_error_message
+
+    names = list(STAGES) if args.command == "all" else [args.command]
+    prefixed = args.command == "all"
+    options = {name: options_from(args, STAGES[name].options, prefix=name if prefixed else "") for name in names}
+    plot = getattr(args, "plot", None)
+    settings = {"command": args.command, "json": args.json, "plot": plot, "work_dir": args.work_dir,
+                "markdown": args.markdown}  # fmt: skip
+    report = run_stages(options, "mt-bench " + " ".join(argv), args.work_dir, settings)
+    try:
+        write_outputs(report, args.json, plot)
+    except OSError as exc:
+        raise MtScaleError(f"cannot write {os_error_message(exc)}; choose a writable --json/--plot path") from None
+    print(format_table(report["results"], markdown=args.markdown))
+    for check in report["targets"]:
+        verdict = "holds" if check["holds"] else "MISSED"
+        print(f"target {check['figure']} {check['threshold']}: median {check['median']:.3g} -> {verdict}")
+    written = f"; wrote {args.json}" if args.json else ""
+    print(f"mt-bench {args.command}: {len(report['results'])} figures in {report['elapsed_s']} s{written}")
+    return 0
 
 
 if __name__ == "__main__":
