@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mt_scale.errors import MtScaleError
+from shard_tools.files import atomic_output
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -394,11 +395,6 @@ def export_teacher(teacher: torch.nn.Module, path: str | Path) -> Path:
     state = {
         key: value.detach().cpu().contiguous() for key, value in export_class_head_state_dict(teacher).items()
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temp:
+        save_file(state, str(temp), metadata={"format": "pt"})
     return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from shard_tools.errors import print_line, run_cli
@@ -127,6 +128,26 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     written = f"; wrote {args.json}" if args.json else ""
     print(f"mt-bench {args.command}: {len(report['results'])} figures in {report['elapsed_s']} s{written}")
     return 0
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """`make demo` (python -m mt_scale.demo): Mean Teacher vs the supervised baseline on the digits."""
+    from mt_scale import demo
+
+    parser = argparse.ArgumentParser(prog="python -m mt_scale.demo", description=demo.__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(demo.DEMO_DIR), help=f"demo folder (default {demo.DEMO_DIR})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(demo.SEEDS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
+        started = time.perf_counter()
+        summary = demo.run_demo(args.out, seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress)
+        print(demo.summary_text(summary, args.out, time.perf_counter() - started))
+        return 0
+
+    return run_cli("demo", run, os_hint="choose a writable --out folder with free space")
 
 
 if __name__ == "__main__":

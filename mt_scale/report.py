@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from mt_scale.errors import MtScaleError, os_error_message
 from mt_scale.evaluate import SCORE_NAMES
 from mt_scale.losses import LOSS_NAMES
+from shard_tools.files import atomic_output, atomic_write
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -69,23 +70,6 @@ class LossWindow:
 
     def images_per_sec(self, images_per_batch: int) -> float:
         return self.batches * images_per_batch / max(time.perf_counter() - self.started, 1e-9)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary name in the same folder, then rename.
-
-    An OS error (no permission, no space) removes the temporary file and raises MtScaleError naming `path`.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise MtScaleError(
-            f"{path}: cannot be written ({os_error_message(exc)}); choose a writable run.output_dir with free space"
-        ) from None
 
 
 def prepare_run_dir(run_dir: Path, *, remove: tuple[str, ...] = ()) -> Path | None:
@@ -172,7 +156,7 @@ class MetricsWriter:
         writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self._rows)
-        atomic_write_text(self.path, buffer.getvalue())
+        atomic_write(self.path, buffer.getvalue())
 
     def close(self) -> None:
         """Nothing to release: every row is on disk once `write` returns."""
@@ -215,7 +199,7 @@ def read_metrics(path: str | Path) -> list[dict[str, float | str | None]]:
 
 def write_report(run_dir: str | Path, report: Mapping[str, object]) -> Path:
     path = Path(run_dir) / REPORT_NAME
-    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write(path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
     return path
 
 
@@ -235,10 +219,11 @@ def plot_curves(run_dir: str | Path, title: str = "") -> Path:
     run_dir = Path(run_dir)
     fig = curves_figure(read_metrics(run_dir / METRICS_NAME), title=title)
     path = run_dir / CURVES_NAME
-    tmp = run_dir / f".{CURVES_NAME}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as temp:
+            fig.savefig(temp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -36,7 +36,6 @@ from mt_scale.report import (
     TRACKER_PROJECT,
     LossWindow,
     MetricsWriter,
-    atomic_write_text,
     build_report,
     eval_line,
     flat_hparams,
@@ -47,6 +46,7 @@ from mt_scale.report import (
     write_report,
     written,
 )
+from shard_tools.files import atomic_write
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -193,7 +193,7 @@ def _setup(
         accelerator.print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
     metrics = None
     if accelerator.is_main_process:
-        atomic_write_text(Path(cfg.run.output_dir) / CONFIG_NAME, resolved_yaml)
+        atomic_write(Path(cfg.run.output_dir) / CONFIG_NAME, resolved_yaml)
         metrics = MetricsWriter(cfg.run.output_dir, resume_step=state.step if resume is not None else None)
     accelerator.init_trackers(TRACKER_PROJECT, config=flat_hparams(resolved))
     # Supervised-only, the student takes the labeled rows alone (which may differ by one between ranks).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shard_tools.format import ShardFormatError
+from shard_tools.errors import run_cli
 
 
 def _add_label_options(parser: argparse.ArgumentParser) -> None:
@@ -110,14 +110,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except ShardFormatError as exc:
-        print(f"mt-shard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"mt-shard {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+    resume = "interrupted; run the same command again to resume"
+    return run_cli(f"mt-shard {args.command}", lambda: _run(args), interrupted=resume)
 
 
 if __name__ == "__main__":

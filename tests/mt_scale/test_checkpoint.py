@@ -309,14 +309,14 @@ def test_permission_denied_on_config_is_one_line(
     digits_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # root ignores file modes, so the refusal is simulated where the first file of the run is written
-    write_text = Path.write_text
+    write_bytes = Path.write_bytes
 
     def refuse(self: Path, *args, **kwargs):
-        if self.name == ".config.yaml.tmp":
+        if self.name == ".config.yaml.partial":  # shard_tools.files.atomic_write's temporary name
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return write_text(self, *args, **kwargs)
+        return write_bytes(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", refuse)
+    monkeypatch.setattr(Path, "write_bytes", refuse)
     run = tmp_path / "run"
     status = main(argv(digits_shards, run))
     err = capsys.readouterr().err
