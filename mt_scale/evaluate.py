@@ -1,9 +1,6 @@
 """Validation: top-1/top-5 error and mean cross-entropy of a model over the val split, across ranks.
 
-Each rank reads its own part of the val split (the pipelines give every sample to exactly one rank;
-a batch may carry a boolean "valid" mask for padding rows, which are not counted). Each rank sums
-its correct predictions, loss and sample count, and one all-reduce adds the sums, so every val
-sample is counted once whatever the world size and however unevenly the ranks' parts divide.
+Each rank scores its part of the split (padding rows masked) and one all-reduce sums the counts.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""Mean Teacher cost terms, ramps and schedules, with the reference code's exact normalisation.
+"""Mean Teacher cost terms and ramps, with the reference code's exact normalisation.
 
-Every loss here returns a SUM over the rows it sees; `mean_teacher_loss` divides each term by the
-whole minibatch size (labeled + unlabeled rows), as the reference's `main.train` does. So the
-classification term is sum(CE over labeled rows) / batch_size, not the mean over labeled rows.
-All terms are computed in float32 whatever the logits' dtype (bf16/fp16 autocast outputs included).
-
-Ramps take the current position and the ramp length in the same unit (epochs, fractional or not).
+Each loss returns a SUM over its rows; `mean_teacher_loss` divides every term by the whole minibatch
+(labeled + unlabeled rows), in float32 whatever the logits' dtype (docs/design.md: training).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Optimizer (timm's factory, by name) and the reference's LR schedule as a per-step LambdaLR.
 
-The schedule is `learning_rate` evaluated at the fractional epoch
-`step / steps_per_epoch`, where `step` counts optimizer steps. Call `scheduler.step()` after each
-`optimizer.step()`: the LR used by step i (0-based) is then learning_rate(i / steps_per_epoch),
-exactly the reference's `adjust_learning_rate(epoch, i, len(loader))` before its i-th step.
+`learning_rate(optim, epoch)` is the reference's LR at a fractional epoch; the scheduler evaluates
+it at step / steps_per_epoch, stepped after each optimizer step.
 """
 
 from __future__ import annotations
