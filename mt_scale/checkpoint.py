@@ -255,7 +255,8 @@ def _check_files(accelerator: Accelerator, checkpoint: Path) -> None:
             f"{accelerator.num_processes} launched now (resume with the same number of processes) or it is "
             f"incomplete ({_RESTART})"
         )
-    wanted = [TRAIN_STATE_NAME, STUDENT_NAME, TEACHER_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, rng_state_name(rank)]
+    wanted = [TRAIN_STATE_NAME, STUDENT_NAME, TEACHER_NAME, OPTIMIZER_NAME, SCHEDULER_NAME]
+    wanted.append(rng_state_name(rank))
     if accelerator.scaler is not None:
         wanted.append(SCALER_NAME)
     for name in wanted:

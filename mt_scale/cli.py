@@ -66,8 +66,9 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume, keep=args.keep, progress=not args.no_progress,
                    stop_after_steps=args.stop_after_steps, handle_sigterm=True)  # fmt: skip
     if result.report.get("stopped_by") == "SIGTERM":
-        print_line("mt-train", f"stopped by SIGTERM after step {result.report['stopped_at_step']}; checkpoint "
-                   f"{result.report['checkpoint']} written: continue with --resume", first_rank_only=True)  # fmt: skip
+        report = result.report
+        where = f"after step {report['stopped_at_step']}; checkpoint {report['checkpoint']} written"
+        print_line("mt-train", f"stopped by SIGTERM {where}: continue with --resume", first_rank_only=True)
         return EXIT_PREEMPTED
     return 0
 
@@ -82,7 +83,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
     output.add_argument("--work-dir", type=Path, help="keep generated inputs here (default: a temp dir)")
     output.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser = argparse.ArgumentParser(
-        prog="mt-bench", description="Time each stage of mt-scale beside the alternative a user would otherwise run."
+        prog="mt-bench",
+        description="Time each stage of mt-scale beside the alternative a user would otherwise run.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, stage in STAGES.items():
@@ -90,7 +92,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
         add_options(command, stage.options)
         if stage.plot is not None:
             command.add_argument("--plot", type=Path, help="write a PNG chart of the stage's figures")
-    every = commands.add_parser("all", parents=[output], help="every stage; stage options as --<stage>-<option>")
+    every = commands.add_parser("all", parents=[output],
+                                help="every stage; stage options as --<stage>-<option>")  # fmt: skip
     added: set[str] = set()
     for name, stage in STAGES.items():
         add_options(every, stage.options, prefix=name, added=added)
@@ -112,7 +115,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
 
     names = list(STAGES) if args.command == "all" else [args.command]
     prefixed = args.command == "all"
-    options = {name: options_from(args, STAGES[name].options, prefix=name if prefixed else "") for name in names}
+    options = {name: options_from(args, STAGES[name].options, prefix=name if prefixed else "")
+               for name in names}  # fmt: skip
     plot = getattr(args, "plot", None)
     settings = {"command": args.command, "json": args.json, "plot": plot, "work_dir": args.work_dir,
                 "markdown": args.markdown}  # fmt: skip
@@ -120,7 +124,8 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         write_outputs(report, args.json, plot)
     except OSError as exc:
-        raise MtScaleError(f"cannot write {os_error_message(exc)}; choose a writable --json/--plot path") from None
+        reason = os_error_message(exc)
+        raise MtScaleError(f"cannot write {reason}; choose a writable --json/--plot path") from None
     print(format_table(report["results"], markdown=args.markdown))
     for check in report["targets"]:
         verdict = "holds" if check["holds"] else "MISSED"
@@ -143,7 +148,8 @@ def demo_main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         started = time.perf_counter()
-        summary = demo.run_demo(args.out, seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress)
+        summary = demo.run_demo(args.out, seeds=args.seeds, overrides=args.overrides,
+                                progress=not args.no_progress)  # fmt: skip
         print(demo.summary_text(summary, args.out, time.perf_counter() - started))
         return 0
 

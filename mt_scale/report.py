@@ -36,7 +36,7 @@ MODELS = ("student", "teacher")
 
 
 def loss_column(name: str) -> str:
-    """The metrics column of a loss term of `mean_teacher_loss`: "total" -> "loss", "class" -> "class_loss"."""
+    """The metrics column of a loss term: "total" -> "loss", "class" -> "class_loss"."""
     return "loss" if name == "total" else f"{name}_loss"
 
 
@@ -369,7 +369,8 @@ def trackers(log_with: str, run_dir: Path) -> list[Any]:
     for name in names or [""]:
         if name not in known:
             raise MtScaleError(
-                f"run.log_with={log_with!r}: {name!r} is not a tracker; use {', '.join(known)} (comma-separated) or none"
+                f"run.log_with={log_with!r}: {name!r} is not a tracker; use {', '.join(known)} "
+                "(comma-separated) or none"
             )
         if name not in installed:
             raise MtScaleError(

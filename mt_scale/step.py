@@ -35,7 +35,9 @@ class TrainingParts(NamedTuple):
     scheduler: LRScheduler
 
 
-def create_training(cfg: Config, accelerator: Accelerator, num_classes: int, steps_per_epoch: int) -> TrainingParts:
+def create_training(
+    cfg: Config, accelerator: Accelerator, num_classes: int, steps_per_epoch: int
+) -> TrainingParts:
     """The student (prepared by Accelerate, then compiled if `model.compile`), teacher, optimizer, schedule.
 
     The student starts from `run.seed` on every rank; afterwards the seeds differ per rank (dropout).
@@ -144,7 +146,9 @@ class MeanTeacherStep:
             return self.mt.consistency_weight if self.mt.enabled else 0.0
         return consistency_weight(self.mt, epoch)
 
-    def __call__(self, batch: Mapping[str, torch.Tensor], step_index: int, epoch: float | None = None) -> StepMetrics:
+    def __call__(
+        self, batch: Mapping[str, torch.Tensor], step_index: int, epoch: float | None = None
+    ) -> StepMetrics:
         from pipelines import normalize
 
         accelerator, rows, device = self.accelerator, self.student_rows, self.accelerator.device

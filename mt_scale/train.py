@@ -124,8 +124,9 @@ def train(
     created = open_run_dir(accelerator, run_dir, resuming=resume is not None)
     stop = StopRequest().install() if handle_sigterm else StopRequest()
     try:
-        run = _setup(cfg, accelerator, stop, resume=resume, keep=cfg.run.keep_checkpoints if keep is None else keep,
-                     progress=progress, stop_after_steps=stop_after_steps)  # fmt: skip
+        keep = cfg.run.keep_checkpoints if keep is None else keep
+        run = _setup(cfg, accelerator, stop, resume=resume, keep=keep, progress=progress,
+                     stop_after_steps=stop_after_steps)  # fmt: skip
         show = accelerator.is_main_process and progress
         with tqdm(total=run.total_steps, initial=run.state.step, disable=not show, unit="step") as bar:
             while run.state.epoch < cfg.run.epochs and run.stopped_by is None:  # closed before an error line
@@ -145,7 +146,9 @@ def _accelerator(cfg: Config) -> Accelerator:
     from accelerate import Accelerator
 
     if not cfg.run.shards:
-        raise MtScaleError("run.shards is empty: pack a shard set with mt-shard pack, then --set run.shards=DIR")
+        raise MtScaleError(
+            "run.shards is empty: pack a shard set with mt-shard pack, then --set run.shards=DIR"
+        )
     if cfg.run.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise MtScaleError("run.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine")
     return Accelerator(
@@ -178,8 +181,9 @@ def _setup(
     plan = plan_devices(cfg, accelerator.num_processes)
     cfg = resolve_for_devices(cfg, accelerator.num_processes, accelerator.process_index)
     accelerator.gradient_accumulation_steps = cfg.run.grad_accum_steps
-    accelerator.print(f"batch: {plan.global_batch} per step ({plan.global_labeled} labeled) = {plan.world_size} "
-                      f"devices x {plan.grad_accum_steps} micro-batches x {plan.device_batch}; peak lr {plan.lr:g}")
+    accelerator.print(f"batch: {plan.global_batch} per step ({plan.global_labeled} labeled) = "
+                      f"{plan.world_size} devices x {plan.grad_accum_steps} micro-batches x "
+                      f"{plan.device_batch}; peak lr {plan.lr:g}")  # fmt: skip
     loaders = build_loaders(
         cfg.run.shards, cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes
     )
@@ -269,7 +273,8 @@ def _log_train(run: _Run, weight: float, epoch: float, bar: tqdm) -> None:
     }
     if run.metrics is not None:
         run.metrics.write(row)
-    run.accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "kind")}, step=run.state.step)
+    logged = {f"train/{k}": v for k, v in row.items() if k not in ("step", "kind")}
+    run.accelerator.log(logged, step=run.state.step)
     bar.set_postfix(loss=f"{row['loss']:.3f}", cons=f"{row['consistency_loss']:.3f}", lr=f"{row['lr']:.3g}",
                     img_s=f"{row['images_per_sec']:.0f}")  # fmt: skip
     run.window.reset()
@@ -298,7 +303,8 @@ def _finish(run: _Run) -> TrainResult:
     if run.stopped_by is not None:
         if run.stopped_by == "stop_after_steps":
             run.accelerator.print(f"stopped after step {run.state.step}; checkpoint {checkpoint}")
-        report = {"stopped_at_step": run.state.step, "checkpoint": str(checkpoint), "stopped_by": run.stopped_by}
+        report = {"stopped_at_step": run.state.step, "checkpoint": str(checkpoint),
+                  "stopped_by": run.stopped_by}  # fmt: skip
     elif run.accelerator.is_main_process:
         report = _write_outputs(run, wall)
     run.accelerator.wait_for_everyone()
@@ -326,7 +332,8 @@ def _write_outputs(run: _Run, wall: float) -> dict[str, Any]:
 
 def _checkpoint(run: _Run) -> Path:
     return save_checkpoint(run.accelerator, run.run_dir, run.state, run.loaders, run.parts.teacher,
-                           keep=run.keep, model_name=run.cfg.model.name, num_classes=run.loaders.num_classes)  # fmt: skip
+                           keep=run.keep, model_name=run.cfg.model.name,
+                           num_classes=run.loaders.num_classes)  # fmt: skip
 
 
 def _evaluate(run: _Run) -> dict[str, float]:

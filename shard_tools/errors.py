@@ -51,7 +51,8 @@ def run_cli(
     except UserError as exc:
         text, status = f"error: {exc}", EXIT_USER_ERROR
     except OSError as exc:
-        text, status = f"error: {os_error_message(exc)}" + (f"; {os_hint}" if os_hint else ""), EXIT_USER_ERROR
+        hint = f"; {os_hint}" if os_hint else ""
+        text, status = f"error: {os_error_message(exc)}{hint}", EXIT_USER_ERROR
     except KeyboardInterrupt:
         text, status = interrupted, EXIT_INTERRUPTED
     print_line(prog, text, first_rank_only=first_rank_only)

@@ -25,7 +25,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[Path]:
-    """`with atomic_output(path) as temp:` write `temp` (streamed, by any library); renamed to `path` on success.
+    """`with atomic_output(path) as temp:` write `temp` (streamed, any library); renamed to `path` on success.
 
     On any failure the temporary file is removed, and an OS error about it names `path` instead.
     """

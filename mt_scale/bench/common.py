@@ -137,7 +137,9 @@ def machine_load(stage: str) -> float:
     return load
 
 
-def alternate(calls: Sequence[Callable[[], object]], count: int, sync: Callable[[], None] | None = None) -> list[float]:
+def alternate(
+    calls: Sequence[Callable[[], object]], count: int, sync: Callable[[], None] | None = None
+) -> list[float]:
     """Seconds spent in `count` calls of each, called in turns so a change in machine load hits all alike."""
     totals = [0.0] * len(calls)
     for _ in range(count):
@@ -197,7 +199,9 @@ def image_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def option(default: Any, help: str, *, shared: bool = False, shown: str | None = None, **argparse_kwargs: Any) -> Any:
+def option(
+    default: Any, help: str, *, shared: bool = False, shown: str | None = None, **argparse_kwargs: Any
+) -> Any:
     """A stage option: a dataclass field whose default and help the mt-bench parser reads.
 
     `shared` options (the same in several stages) appear once in `mt-bench all`; the others appear
@@ -220,8 +224,10 @@ class DeviceOptions(StageOptions):
     device: str = option("auto", "train/ema device", shared=True, choices=("auto", "cpu", "cuda"))
 
 
-def add_options(parser: argparse.ArgumentParser, options: type, *, prefix: str = "", added: set[str] | None = None) -> None:
-    """One flag per field of the `options` dataclass; with `prefix`, non-shared flags are `--<prefix>-<name>`."""
+def add_options(
+    parser: argparse.ArgumentParser, options: type, *, prefix: str = "", added: set[str] | None = None
+) -> None:
+    """A flag per field of the `options` dataclass; with `prefix`, unshared ones are `--<prefix>-<name>`."""
     added = set() if added is None else added
     for spec in fields(options):
         shared = spec.metadata["shared"]

@@ -17,7 +17,8 @@ class InputOptions(StageOptions):
                                  shared=True, shown="generated", type=Path)  # fmt: skip
     count: int = option(1000, "generated images", shared=True, type=positive)
     size: tuple[int, int] = option((500, 375), "generated image size WxH", shared=True, type=image_size)
-    workers: int | None = option(None, "processes for 'all workers'", shared=True, shown="usable cores", type=positive)
+    workers: int | None = option(None, "processes for 'all workers'", shared=True, shown="usable cores",
+                                 type=positive)  # fmt: skip
     seed: int = option(0, "seed of the generated images", shared=True, type=int)
 
 

@@ -53,7 +53,9 @@ TARGETS = (
 )
 
 
-def run_stages(options: dict[str, Any], command: str, work_dir: Path | None, settings: dict[str, Any]) -> dict:
+def run_stages(
+    options: dict[str, Any], command: str, work_dir: Path | None, settings: dict[str, Any]
+) -> dict:
     """Run each stage with its options ({stage: options}); the report mt-bench writes as JSON."""
     started = time.perf_counter()
     report = {

@@ -23,18 +23,21 @@ def test_metric_columns_derive_from_the_loss_and_score_names() -> None:
     window = LossWindow()
     window.add({"total": 3.0, "class": 1.0})
     window.add({"total": 5.0, "class": 2.0})
-    assert window.means() == {"loss": 4.0, "class_loss": 1.5} and loss_column("teacher_class") == "teacher_class_loss"
+    assert window.means() == {"loss": 4.0, "class_loss": 1.5}
+    assert loss_column("teacher_class") == "teacher_class_loss"
 
 
 def eval_rows(errors: list[float]) -> list[dict]:
     return [
-        {"kind": "eval", "step": float(step), **{f"{model}_top{k}_error": error / k for model in ("student", "teacher")
-                                                 for k in (1, 5)}}  # fmt: skip
+        {"kind": "eval", "step": float(step),
+         **{f"{model}_top{k}_error": error / k for model in ("student", "teacher") for k in (1, 5)}}
         for step, error in enumerate(errors, 1)
     ]
 
 
-@pytest.mark.parametrize(("errors", "low", "high"), [([0.03, 0.025, 0.02], 0.03, 0.05), ([0.9, 0.6], 0.9, 1.0)])
+@pytest.mark.parametrize(
+    ("errors", "low", "high"), [([0.03, 0.025, 0.02], 0.03, 0.05), ([0.9, 0.6], 0.9, 1.0)]
+)
 def test_error_axis_is_scaled_to_the_errors(errors: list[float], low: float, high: float) -> None:
     train_row = {"kind": "train", "step": 1.0, "loss": 1.0, "class_loss": 0.5}
     fig = curves_figure([train_row, *eval_rows(errors)])
@@ -60,8 +63,8 @@ def test_a_tracker_not_installed_is_one_clear_line(
     with pytest.raises(MtScaleError, match="the wandb package is not installed; pip install wandb"):
         trackers("wandb", tmp_path)
     run = tmp_path / "run"
-    argv = ["--preset", "digits-demo", "--set", f"run.shards={digits_shards}", "--set", f"run.output_dir={run}",
-            "--set", "run.log_with=wandb", "--no-progress"]  # fmt: skip
+    sets = [f"run.shards={digits_shards}", f"run.output_dir={run}", "run.log_with=wandb"]
+    argv = ["--preset", "digits-demo", *(item for value in sets for item in ("--set", value))]
     assert train_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("mt-train: error: run.log_with='wandb': the wandb package is not installed")

@@ -27,7 +27,8 @@ CPU = Device("cpu", "fp32", channels_last=False)
 
 
 def digits_config(shards: Path, out: Path, *extra: str):
-    return load_config("digits-demo", overrides=[f"run.shards={shards}", f"run.output_dir={out}", *SETTINGS, *extra])
+    overrides = [f"run.shards={shards}", f"run.output_dir={out}", *SETTINGS, *extra]
+    return load_config("digits-demo", overrides=overrides)
 
 
 def record_loop(monkeypatch: pytest.MonkeyPatch, cfg, steps: int):
@@ -57,7 +58,8 @@ def test_loop_and_bench_take_identical_steps(
 
     # the bench's path: its own accelerator and parts from the Mean Teacher config, the same batches
     bench_cfg = digits_config(digits_shards, tmp_path / "unused")
-    step = prepare_steps(bench_cfg, bench_accelerator(CPU), num_classes=10, steps_per_epoch=STEPS_PER_EPOCH)[mode]
+    steps = prepare_steps(bench_cfg, bench_accelerator(CPU), num_classes=10, steps_per_epoch=STEPS_PER_EPOCH)
+    step = steps[mode]
     for batch, step_index, epoch, loop_metrics in calls:
         metrics = step(batch, step_index, epoch)
         assert metrics.step == loop_metrics.step == step_index + 1 and metrics.rows == loop_metrics.rows

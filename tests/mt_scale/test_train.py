@@ -183,12 +183,13 @@ def test_existing_run_and_changed_classes_are_refused(finished_run, digits_shard
 
 def test_out_of_memory_becomes_a_batch_size_error() -> None:
     cfg = load_config("digits-demo")
-    error = memory_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), cfg.data.batch_size)
+    batch = cfg.data.batch_size
+    error = memory_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), batch)
     assert isinstance(error, MtScaleError) and "data.batch_size=64" in str(error)
-    cpu = memory_error(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 1 GB"), cfg.data.batch_size)
+    cpu = memory_error(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 1 GB"), batch)
     assert isinstance(cpu, MtScaleError)
     other = RuntimeError("shape mismatch")
-    assert memory_error(other, cfg.data.batch_size) is other
+    assert memory_error(other, batch) is other
 
 
 def test_mt_train_console_script_exits_2(tmp_path: Path) -> None:
