@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from shard_tools.errors import print_line, run_cli
 
@@ -73,9 +75,32 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_options(
+    parser: argparse.ArgumentParser, options: type, *, prefix: str = "", added: set[str] | None = None
+) -> None:
+    """A flag per field of the `options` dataclass; with `prefix`, unshared ones are `--<prefix>-<name>`."""
+    added = set() if added is None else added
+    for spec in fields(options):
+        shared = spec.metadata["shared"]
+        if shared and spec.name in added:
+            continue
+        named = f"{prefix}_{spec.name}" if prefix and not shared else spec.name
+        parser.add_argument(f"--{named.replace('_', '-')}", dest=named, default=spec.default,
+                            help=spec.metadata["help"], **spec.metadata["argparse"])  # fmt: skip
+        added.add(spec.name)
+
+
+def options_from(args: argparse.Namespace, options: type, *, prefix: str = "") -> Any:
+    """The `options` dataclass filled from parsed arguments (`add_options` with the same prefix)."""
+    values = {}
+    for spec in fields(options):
+        named = f"{prefix}_{spec.name}" if prefix and not spec.metadata["shared"] else spec.name
+        values[spec.name] = getattr(args, named)
+    return options(**values)
+
+
 def build_bench_parser() -> argparse.ArgumentParser:
     """mt-bench's parser: one subcommand per stage, its flags read from the stage's options dataclass."""
-    from mt_scale.bench.common import add_options
     from mt_scale.bench.runner import STAGES
 
     output = argparse.ArgumentParser(add_help=False)
@@ -109,7 +134,6 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    from mt_scale.bench.common import options_from
     from mt_scale.bench.runner import STAGES, format_table, run_stages, write_outputs
     from mt_scale.errors import MtScaleError, os_error_message
 

@@ -9,7 +9,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
@@ -222,27 +222,3 @@ class StageOptions:
 @dataclass
 class DeviceOptions(StageOptions):
     device: str = option("auto", "train/ema device", shared=True, choices=("auto", "cpu", "cuda"))
-
-
-def add_options(
-    parser: argparse.ArgumentParser, options: type, *, prefix: str = "", added: set[str] | None = None
-) -> None:
-    """A flag per field of the `options` dataclass; with `prefix`, unshared ones are `--<prefix>-<name>`."""
-    added = set() if added is None else added
-    for spec in fields(options):
-        shared = spec.metadata["shared"]
-        if shared and spec.name in added:
-            continue
-        named = f"{prefix}_{spec.name}" if prefix and not shared else spec.name
-        parser.add_argument(f"--{named.replace('_', '-')}", dest=named, default=spec.default,
-                            help=spec.metadata["help"], **spec.metadata["argparse"])  # fmt: skip
-        added.add(spec.name)
-
-
-def options_from(args: argparse.Namespace, options: type, *, prefix: str = "") -> Any:
-    """The `options` dataclass filled from parsed arguments (`add_options` with the same prefix)."""
-    values = {}
-    for spec in fields(options):
-        named = f"{prefix}_{spec.name}" if prefix and not spec.metadata["shared"] else spec.name
-        values[spec.name] = getattr(args, named)
-    return options(**values)
