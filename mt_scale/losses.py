@@ -1,11 +1,7 @@
-"""Mean Teacher cost terms, ramps and schedules, with the reference code's exact normalisation.
+"""Mean Teacher cost terms and ramps, with the reference code's exact normalisation.
 
-Every loss here returns a SUM over the rows it sees; `mean_teacher_loss` divides each term by the
-whole minibatch size (labeled + unlabeled rows), as the reference's `main.train` does. So the
-classification term is sum(CE over labeled rows) / batch_size, not the mean over labeled rows.
-All terms are computed in float32 whatever the logits' dtype (bf16/fp16 autocast outputs included).
-
-Ramps take the current position and the ramp length in the same unit (epochs, fractional or not).
+Each loss returns a SUM over its rows; `mean_teacher_loss` divides every term by the whole minibatch
+(labeled + unlabeled rows), in float32 whatever the logits' dtype (docs/design.md: training).
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from mt_scale.config import MeanTeacherConfig, OptimConfig
+    from mt_scale.config import MeanTeacherConfig
 
 NO_LABEL = -1  # label of unlabeled rows in every batch (pipelines put them after the L labeled rows)
 
@@ -57,11 +53,13 @@ def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 CONSISTENCY_LOSSES = {"mse": softmax_mse_loss, "kl": softmax_kl_loss}
+# The keys of `mean_teacher_loss`'s result, in the order the metrics log shows them.
+LOSS_NAMES = ("total", "class", "consistency", "logit_distance", "teacher_class")
 
 
 def mean_teacher_loss(
     student_out: tuple[torch.Tensor, torch.Tensor],
-    teacher_out: tuple[torch.Tensor, torch.Tensor],
+    teacher_out: tuple[torch.Tensor, torch.Tensor] | None,
     labels: torch.Tensor,
     *,
     consistency_weight: float,
@@ -74,18 +72,19 @@ def mean_teacher_loss(
     tensors for a single-head model). As in the reference, the student's class head takes the
     cross-entropy, its consistency head is pulled towards the teacher's CLASS head, and the two
     student heads are tied by `logit_distance_cost` * symmetric MSE (zero for a single head).
-    Returns total (the one to backpropagate), class, consistency, logit_distance, and teacher_class
-    (the teacher's classification cost, for logging only).
+    Returns LOSS_NAMES: total (the one to backpropagate), class, consistency, logit_distance, and
+    teacher_class (the teacher's classification cost, for logging only). With `teacher_out` None (no
+    teacher: a plain supervised step) the consistency and teacher_class terms are 0.
     """
     if consistency not in CONSISTENCY_LOSSES:
         raise ValueError(f"consistency={consistency!r}: choose one of {sorted(CONSISTENCY_LOSSES)}")
     class_logits, consistency_logits = student_out
-    teacher_logits = teacher_out[0].detach()
+    teacher_logits = teacher_out[0].detach() if teacher_out is not None else None
     minibatch_size = labels.shape[0]
 
     class_term = class_loss(class_logits, labels) / minibatch_size
     zero = class_term.new_zeros(())
-    if consistency_weight:
+    if consistency_weight and teacher_logits is not None:
         consistency_term = (
             consistency_weight
             * CONSISTENCY_LOSSES[consistency](consistency_logits, teacher_logits)
@@ -99,8 +98,11 @@ def mean_teacher_loss(
         )
     else:
         logit_distance = zero
-    with torch.no_grad():
-        teacher_class = class_loss(teacher_logits, labels) / minibatch_size
+    if teacher_logits is not None:
+        with torch.no_grad():
+            teacher_class = class_loss(teacher_logits, labels) / minibatch_size
+    else:
+        teacher_class = zero
     return {
         "total": class_term + consistency_term + logit_distance,
         "class": class_term,
@@ -147,20 +149,6 @@ def consistency_weight(mt: MeanTeacherConfig, epoch: float) -> float:
         return 0.0
     position = epoch if mt.consistency_rampup_per_step else math.floor(epoch)
     return mt.consistency_weight * sigmoid_rampup(position, mt.consistency_rampup_epochs)
-
-
-def learning_rate(optim: OptimConfig, epoch: float) -> float:
-    """The reference's LR at fractional `epoch` (= epoch + step_in_epoch / steps_per_epoch).
-
-    Linear ramp from `initial_lr` to `lr` over `lr_rampup_epochs`, then (when
-    `lr_rampdown_epochs` > 0) times one cosine half cycle of length `lr_rampdown_epochs`.
-    With `optim.schedule_per_step` False the LR changes only at epoch boundaries.
-    """
-    position = epoch if optim.schedule_per_step else math.floor(epoch)
-    lr = linear_rampup(position, optim.lr_rampup_epochs) * (optim.lr - optim.initial_lr) + optim.initial_lr
-    if optim.lr_rampdown_epochs:
-        lr *= cosine_rampdown(position, optim.lr_rampdown_epochs)
-    return lr
 
 
 def _check_same_shape(first: torch.Tensor, second: torch.Tensor) -> None:

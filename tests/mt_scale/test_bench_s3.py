@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mt_scale import bench
+from mt_scale.cli import bench_main
 
 
 @pytest.mark.timeout(300)
@@ -18,7 +18,7 @@ def test_pipeline_from_s3_beside_local_disk(photo_tree: Path, tmp_path: Path, ca
     argv = ["pipeline", "--source", "s3", "--images", str(photo_tree), "--batch-size", "8", "--labeled-per-batch",
             "2", "--workers", "1", "--repeats", "1", "--backends", "torch", "--json", str(out), "--work-dir",
             str(tmp_path / "work")]
-    assert bench.main(argv) == 0
+    assert bench_main(argv) == 0
     printed = capsys.readouterr().out
     results = {r["name"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {"pipeline/torch_local", "pipeline/torch_s3", "pipeline/torch_s3_vs_local"}

@@ -3,7 +3,7 @@
 The S3 server is moto's (`pip install 'moto[server]'`, the test extra) in a subprocess on a free
 127.0.0.1 port: it measures what our S3 path costs (boto3, one ranged GET per shard span, HTTP)
 without a network in the way; a real store adds its latency and bandwidth on top. Self-contained:
-the bench CLI calls `bench_s3_source` and nothing else here.
+`mt-bench pipeline --source s3` calls `bench_s3_source` and nothing else here.
 """
 
 from __future__ import annotations
