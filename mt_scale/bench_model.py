@@ -77,84 +77,65 @@ def alternate(first: Callable[[], None], second: Callable[[], None], count: int,
 # --------------------------------------------------------------------------- train
 
 
-class StepBench:
-    """A student, its teacher and optimizer, and one synthetic batch; times supervised and MT steps.
+def bench_accelerator(device: Device):
+    """A fresh single-process Accelerator on `device` with the bench's precision (bf16 or none)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    mt_scale.train keeps its step inline in the loop (no reusable function), so the Mean Teacher step
-    here is composed from the same core calls in the same order: normalise both views on the device,
-    teacher forward (no gradients), student forward, `losses.mean_teacher_loss`, backward, optimizer
-    step, zero_grad, LR-scheduler step, `teacher.update_teacher`. Accelerate is left out (one process:
-    its backward is loss.backward()). The supervised step is what a user would otherwise run: the
-    same student on an all-labeled batch of the same size, with no teacher.
-    """
+    # The bench runs in one process; an earlier Accelerator (another device or precision) is replaced.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(
+        cpu=device.name == "cpu",
+        mixed_precision="bf16" if device.precision == "bf16" else "no",
+        step_scheduler_with_optimizer=False,  # as mt-train: the step function steps the schedule
+    )
+
+
+def prepare_steps(cfg, accelerator, num_classes: int = NUM_CLASSES, steps_per_epoch: int = 1000) -> dict:
+    """The three steps `mt-bench train` times, all mt_scale.step's function over one student and teacher:
+    "mean_teacher" (cfg as given), "supervised" (no teacher forward, no EMA: the plain supervised step)
+    and "supervised_baseline" (mt-train's mt.enabled=false, as mt-train runs it)."""
+    import dataclasses
+
+    from mt_scale.step import MeanTeacherStep, create_training
+
+    parts = create_training(cfg, accelerator, num_classes, steps_per_epoch)
+    baseline = dataclasses.replace(cfg, mt=dataclasses.replace(cfg.mt, enabled=False))
+    return {
+        "mean_teacher": MeanTeacherStep.create(cfg, accelerator, *parts),
+        "supervised": MeanTeacherStep.create(cfg, accelerator, *parts, use_teacher=False),
+        "supervised_baseline": MeanTeacherStep.create(baseline, accelerator, *parts),
+    }
+
+
+class StepBench:
+    """The three steps of `prepare_steps` and one synthetic batch (uint8 views, L labeled rows) on the device."""
 
     def __init__(self, cfg, device: Device, image_size: int) -> None:
-        from mt_scale.model import create_model
-        from mt_scale.optim import create_optimizer, create_scheduler
-        from mt_scale.teacher import create_teacher
-
-        torch.manual_seed(0)
         self.cfg, self.device = cfg, device
-        self.student = create_model(cfg.model, NUM_CLASSES).to(device.name).train()
-        self.teacher = create_teacher(self.student)
-        self.optimizer = create_optimizer(cfg.optim, self.student)
-        self.scheduler = create_scheduler(cfg.optim, self.optimizer, steps_per_epoch=1000)
+        self.steps = prepare_steps(cfg, bench_accelerator(device))
         batch, labeled = cfg.data.batch_size, cfg.data.labeled_per_batch
         shape = (batch, 3, image_size, image_size)
         generator = torch.Generator().manual_seed(0)
-        self.student_view = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(
-            device.name
-        )
-        self.teacher_view = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).to(
-            device.name
-        )
+        student = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        teacher = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
         labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
-        self.all_labeled = labels.to(device.name)
-        self.mixed_labels = torch.where(torch.arange(batch) < labeled, labels, -1).to(device.name)
+        labels = torch.where(torch.arange(batch) < labeled, labels, -1)
+        self.batch = {"student": student, "teacher": teacher, "label": labels}
+        self.batch = {key: value.to(device.name) for key, value in self.batch.items()}
         self.step_count = 0
 
-    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        from pipelines import normalize
-
-        data = self.cfg.data
-        return normalize(images, data.mean, data.std, channels_last=self.device.channels_last)
-
-    def _finish(self, loss: torch.Tensor) -> None:
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step_count += 1
+    def run(self, name: str) -> int:
+        """One step of kind `name`; returns the rows its student saw."""
+        metrics = self.steps[name](self.batch, self.step_count)
+        self.step_count = metrics.step
+        return metrics.rows
 
     def supervised_step(self) -> None:
-        from mt_scale.losses import class_loss
-
-        with self.device.autocast():
-            class_logits, _ = self.student(self._inputs(self.student_view))
-            loss = class_loss(class_logits, self.all_labeled) / self.all_labeled.shape[0]
-        self._finish(loss)
+        self.run("supervised")
 
     def mean_teacher_step(self) -> None:
-        from mt_scale.losses import mean_teacher_loss
-        from mt_scale.teacher import update_teacher
-
-        mt = self.cfg.mt
-        student_in = self._inputs(self.student_view)
-        teacher_in = self._inputs(self.teacher_view)
-        with torch.no_grad(), self.device.autocast():
-            teacher_out = self.teacher(teacher_in)
-        with self.device.autocast():
-            student_out = self.student(student_in)
-            losses = mean_teacher_loss(
-                student_out,
-                teacher_out,
-                self.mixed_labels,
-                consistency_weight=mt.consistency_weight,
-                consistency=mt.consistency,
-                logit_distance_cost=mt.logit_distance_cost,
-            )
-        self._finish(losses["total"])
-        update_teacher(self.teacher, self.student, mt.ema_decay, self.step_count)
+        self.run("mean_teacher")
 
 
 def bench_train(

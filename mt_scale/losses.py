@@ -57,11 +57,13 @@ def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 CONSISTENCY_LOSSES = {"mse": softmax_mse_loss, "kl": softmax_kl_loss}
+# The keys of `mean_teacher_loss`'s result, in the order the metrics log shows them.
+LOSS_NAMES = ("total", "class", "consistency", "logit_distance", "teacher_class")
 
 
 def mean_teacher_loss(
     student_out: tuple[torch.Tensor, torch.Tensor],
-    teacher_out: tuple[torch.Tensor, torch.Tensor],
+    teacher_out: tuple[torch.Tensor, torch.Tensor] | None,
     labels: torch.Tensor,
     *,
     consistency_weight: float,
@@ -74,18 +76,19 @@ def mean_teacher_loss(
     tensors for a single-head model). As in the reference, the student's class head takes the
     cross-entropy, its consistency head is pulled towards the teacher's CLASS head, and the two
     student heads are tied by `logit_distance_cost` * symmetric MSE (zero for a single head).
-    Returns total (the one to backpropagate), class, consistency, logit_distance, and teacher_class
-    (the teacher's classification cost, for logging only).
+    Returns LOSS_NAMES: total (the one to backpropagate), class, consistency, logit_distance, and
+    teacher_class (the teacher's classification cost, for logging only). With `teacher_out` None (no
+    teacher: a plain supervised step) the consistency and teacher_class terms are 0.
     """
     if consistency not in CONSISTENCY_LOSSES:
         raise ValueError(f"consistency={consistency!r}: choose one of {sorted(CONSISTENCY_LOSSES)}")
     class_logits, consistency_logits = student_out
-    teacher_logits = teacher_out[0].detach()
+    teacher_logits = teacher_out[0].detach() if teacher_out is not None else None
     minibatch_size = labels.shape[0]
 
     class_term = class_loss(class_logits, labels) / minibatch_size
     zero = class_term.new_zeros(())
-    if consistency_weight:
+    if consistency_weight and teacher_logits is not None:
         consistency_term = (
             consistency_weight
             * CONSISTENCY_LOSSES[consistency](consistency_logits, teacher_logits)
@@ -99,8 +102,11 @@ def mean_teacher_loss(
         )
     else:
         logit_distance = zero
-    with torch.no_grad():
-        teacher_class = class_loss(teacher_logits, labels) / minibatch_size
+    if teacher_logits is not None:
+        with torch.no_grad():
+            teacher_class = class_loss(teacher_logits, labels) / minibatch_size
+    else:
+        teacher_class = zero
     return {
         "total": class_term + consistency_term + logit_distance,
         "class": class_term,

@@ -223,15 +223,12 @@ def _run(
     progress: bool,
     stop_after_steps: int | None,
 ) -> TrainResult:
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from mt_scale.config import config_to_dict, config_to_yaml, plan_devices, resolve_for_devices
-    from mt_scale.losses import consistency_weight, mean_teacher_loss
-    from mt_scale.model import compile_model, create_model
-    from mt_scale.optim import create_optimizer, create_scheduler
-    from mt_scale.teacher import create_teacher, sync_teacher_buffers, update_teacher
-    from pipelines import build_loaders, normalize
+    from mt_scale.step import MeanTeacherStep, create_training
+    from mt_scale.teacher import sync_teacher_buffers
+    from pipelines import build_loaders
 
     main_process = accelerator.is_main_process
     resolved = config_to_dict(cfg)  # as given: what config.yaml and report.json hold
@@ -260,15 +257,9 @@ def _run(
     batches_per_epoch = steps_per_epoch * accum
     total_steps = cfg.run.epochs * steps_per_epoch
 
-    set_seed(cfg.run.seed)  # the same initial student on every rank
-    student = create_model(cfg.model, num_classes)
-    optimizer = create_optimizer(cfg.optim, student)
-    scheduler = create_scheduler(cfg.optim, optimizer, steps_per_epoch)
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    student = compile_model(student, cfg.model)
-    teacher = create_teacher(student).to(accelerator.device)
-    teacher_forward = compile_model(teacher, cfg.model)  # shares the teacher's tensors; never DDP-wrapped
-    set_seed(cfg.run.seed, device_specific=True)  # dropout etc. differ across ranks
+    parts = create_training(cfg, accelerator, num_classes, steps_per_epoch)
+    student, teacher, optimizer, scheduler = parts
+    train_step = MeanTeacherStep.create(cfg, accelerator, *parts)
     state = TrainState(world_size=accelerator.num_processes, class_names=list(loaders.class_names))
     model_id = {"model_name": cfg.model.name, "num_classes": num_classes}
 
@@ -286,9 +277,8 @@ def _run(
 
     mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
     channels_last = bool(cfg.model.channels_last)
-    device = accelerator.device
     # Supervised-only: the student (and teacher) take the labeled rows alone.
-    student_rows = cfg.data.batch_size if cfg.mt.enabled else cfg.data.labeled_per_batch
+    student_rows = train_step.student_rows
     # over all ranks (labeled rows may differ by one between ranks under a global batch)
     images_per_batch = (device_plan.device_batch * device_plan.world_size if cfg.mt.enabled
                         else sum(device_plan.labeled_per_rank))
@@ -335,47 +325,18 @@ def _run(
                 batch_start = time.perf_counter()
                 batch, batches = next_batch(batches, loaders, stop)
                 epoch_position = state.epoch + state.batch_in_epoch / batches_per_epoch
-                weight = consistency_weight(cfg.mt, epoch_position)
-                labels = _checked_label_rows(batch["label"][:student_rows], num_classes, cfg.run.shards, "training")
-                student_in = normalize(
-                    batch["student"][:student_rows].to(device, non_blocking=True), mean, std,
-                    channels_last=channels_last,
-                )  # fmt: skip
-                teacher_in = normalize(
-                    batch["teacher"][:student_rows].to(device, non_blocking=True), mean, std,
-                    channels_last=channels_last,
-                )  # fmt: skip
-                labels = labels.to(device, non_blocking=True)
-                try:
-                    with accelerator.accumulate(student):
-                        with torch.no_grad(), accelerator.autocast():
-                            # Always run: in train mode this pass updates the teacher's BatchNorm statistics.
-                            teacher_out = teacher_forward(teacher_in)
-                        student_out = student(student_in)
-                        losses = mean_teacher_loss(
-                            student_out,
-                            teacher_out,
-                            labels,
-                            consistency_weight=weight,
-                            consistency=cfg.mt.consistency,
-                            logit_distance_cost=cfg.mt.logit_distance_cost,
-                        )
-                        accelerator.backward(losses["total"])
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                except RuntimeError as exc:
-                    raise _memory_error(exc, cfg) from None
+                _checked_label_rows(batch["label"][:student_rows], num_classes, cfg.run.shards, "training")
+                out = train_step(batch, state.step, epoch_position)
+                weight, losses = out.consistency_weight, out.losses
                 state.batch_in_epoch += 1
                 state.images_seen += images_per_batch
                 state.train_seconds += time.perf_counter() - batch_start  # loading included: end-to-end rate
                 for key, value in losses.items():
                     window["loss" if key == "total" else key] += float(value.detach())
                 window_batches += 1
-                if not accelerator.sync_gradients:
+                if not out.stepped:
                     continue
-                scheduler.step()
-                state.step += 1
-                update_teacher(teacher, student, cfg.mt.ema_decay, state.step)
+                state.step = out.step
                 if not math.isfinite(window["loss"]):
                     raise MtScaleError(
                         f"loss is {window['loss']} at step {state.step}: training diverged; lower optim.lr "
@@ -504,13 +465,9 @@ def _no_accelerator() -> bool:
 
 
 def _memory_error(exc: RuntimeError, cfg: Any) -> Exception:
-    text = str(exc)
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
-        return MtScaleError(
-            f"out of memory with data.batch_size={cfg.data.batch_size} per device: lower data.batch_size "
-            f"(and data.labeled_per_batch) and raise run.grad_accum_steps to keep the effective batch"
-        )
-    return exc
+    from mt_scale.step import memory_error
+
+    return memory_error(exc, cfg.data.batch_size)
 
 
 if __name__ == "__main__":
