@@ -6,8 +6,8 @@ statistics against the augmentation spec), measures the two-view DALI loader, th
 largest batch that fits, with and without torch.compile, and the EMA update, then runs a 30-step
 mt-train with a checkpoint and an exact resume. Writes a JSON of figures and a Markdown table.
 `--dry-run` runs the same code on the CPU with tiny sizes (CI); `--wheels DIR` first joins split
-wheels and installs what this Python lacks from DIR, never from the network. One module on purpose
-(the kit travels as one file to review); docs/performance.md, "GPU check", explains every figure.
+wheels and installs what this Python lacks from DIR, never from the network. Self-contained on
+purpose (one file that a bare GPU machine runs); docs/performance.md, "GPU check", explains it all.
 """
 
 from __future__ import annotations
@@ -53,12 +53,19 @@ RESULT_KEYS = (
     "gpu/peak_mem_gib", "gpu/compile_s", "gpu/mt_end_to_end_img_s",
     "gpu/ema_fused_ms", "gpu/ema_loop_ms", "gpu/ema_speedup",
 )  # fmt: skip
-CHECK_NAMES = ("dali/structure", "dali/eval_matches_torch", "dali/geometry", "dali/colour", "train/mt_train_30_steps",
-               "train/resume_exact")
+CHECK_NAMES = (
+    "dali/structure",
+    "dali/eval_matches_torch",
+    "dali/geometry",
+    "dali/colour",
+    "train/mt_train_30_steps",
+    "train/resume_exact",
+)
 # What the kit imports beyond the standard library: import name -> the distribution to bring as a wheel.
 REQUIRED_MODULES = {
-    "torch": "torch", "timm": "timm", "accelerate": "accelerate", "numpy": "numpy", "cv2": "opencv-python-headless",
-    "PIL": "pillow", "yaml": "pyyaml", "tqdm": "tqdm", "safetensors": "safetensors", "sklearn": "scikit-learn",
+    "torch": "torch", "timm": "timm", "accelerate": "accelerate", "numpy": "numpy",
+    "cv2": "opencv-python-headless", "PIL": "pillow", "yaml": "pyyaml", "tqdm": "tqdm",
+    "safetensors": "safetensors", "sklearn": "scikit-learn",
     "matplotlib": "matplotlib", "tensorboard": "tensorboard", "webdataset": "webdataset",
     "nvidia.dali": "nvidia-dali-cuda130 (CUDA 13 torch) or nvidia-dali-cuda120 (CUDA 12 torch)",
 }  # fmt: skip
@@ -107,9 +114,11 @@ class Plan:
 GPU_PLAN = Plan(dry_run=False, budget_s=450.0)
 DRY_PLAN = Plan(
     dry_run=True, budget_s=600.0, model="test_resnet", ema_model="test_resnet", precision="no",
-    compile_backend="eager", view_size=64, batch=4, labeled=2, warmup_steps=1, timed_steps=3, max_batch_cap=16,
+    compile_backend="eager", view_size=64, batch=4, labeled=2, warmup_steps=1, timed_steps=3,
+    max_batch_cap=16,
     photos=24, photo_size=(64, 64), val_photos=8, loader_workers=1, loader_warmup=1, loader_batches=4,
-    stat_views=64, stat_batch=32, ema_blocks=2, ema_updates=3, e2e_warmup=1, e2e_steps=3, train_model="test_resnet",
+    stat_views=64, stat_batch=32, ema_blocks=2, ema_updates=3, e2e_warmup=1, e2e_steps=3,
+    train_model="test_resnet",
     train_photo_size=(64, 64), train_classes=2, train_labels_per_class=5, train_photos=30, train_val=8,
 )  # fmt: skip
 
@@ -130,15 +139,29 @@ class Report:
     timings_s: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
-    def result(self, key: str, value: float | None, unit: str, *, goal: str = "", meets: bool | None = None,
-               **detail: Any) -> None:
+    def result(
+        self,
+        key: str,
+        value: float | None,
+        unit: str,
+        *,
+        goal: str = "",
+        meets: bool | None = None,
+        **detail: Any,
+    ) -> None:
         verdict = "" if meets is None else ("meets goal" if meets else "misses goal")
         if meets is not None and self.plan.dry_run:
             verdict = "n/a (dry run)"
         self.results[key] = {"value": value, "unit": unit, "goal": goal, "verdict": verdict, "detail": detail}
 
     def skip(self, key: str, reason: str, unit: str = "") -> None:
-        self.results[key] = {"value": None, "unit": unit, "goal": "", "verdict": f"skipped: {reason}", "detail": {}}
+        self.results[key] = {
+            "value": None,
+            "unit": unit,
+            "goal": "",
+            "verdict": f"skipped: {reason}",
+            "detail": {},
+        }
 
     def check(self, name: str, passed: bool, **detail: Any) -> bool:
         self.checks[name] = {"passed": bool(passed), "detail": detail}
@@ -151,12 +174,17 @@ class Report:
         return self.plan.budget_s - self.elapsed()
 
     def as_dict(self) -> dict:
-        results = {key: self.results.get(key, {"value": None, "unit": "", "goal": "", "verdict": "not run",
-                                               "detail": {}}) for key in RESULT_KEYS}
+        results = {
+            key: self.results.get(
+                key, {"value": None, "unit": "", "goal": "", "verdict": "not run", "detail": {}}
+            )
+            for key in RESULT_KEYS
+        }
         results.update({k: v for k, v in self.results.items() if k not in results})
         return {
-            "kit": "mt-bench gpu", "dry_run": self.plan.dry_run, "machine": self.machine, "plan": asdict(self.plan),
-            "results": results, "checks": self.checks, "timings_s": {k: round(v, 2) for k, v in self.timings_s.items()},
+            "kit": "mt-bench gpu", "dry_run": self.plan.dry_run, "machine": self.machine,
+            "plan": asdict(self.plan), "results": results, "checks": self.checks,
+            "timings_s": {k: round(v, 2) for k, v in self.timings_s.items()},
             "total_s": round(self.elapsed(), 1), "budget_s": self.plan.budget_s,
             "all_checks_passed": bool(self.checks) and all(c["passed"] for c in self.checks.values()),
         }  # fmt: skip
@@ -172,6 +200,8 @@ class Report:
 
 
 def _format(value: Any) -> str:
+    if isinstance(value, str):
+        return " ".join(value.split()).replace("|", "/")
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -184,7 +214,11 @@ def _format(value: Any) -> str:
 def markdown(data: dict) -> str:
     """The run as Markdown: what ran where, the figures beside their goals, the checks."""
     machine = data["machine"]
-    title = "dry run on the CPU (tiny sizes: the figures mean nothing)" if data["dry_run"] else machine.get("card")
+    title = (
+        "dry run on the CPU (tiny sizes: the figures mean nothing)"
+        if data["dry_run"]
+        else machine.get("card")
+    )
     lines = [
         f"### mt-bench gpu: {title}", "",
         f"torch {machine.get('torch')} (CUDA {machine.get('cuda')}), DALI {machine.get('dali')}, timm "
@@ -194,10 +228,17 @@ def markdown(data: dict) -> str:
         "| result | value | unit | goal | verdict |", "|---|---:|---|---|---|",
     ]  # fmt: skip
     for key, entry in data["results"].items():
-        lines.append(f"| `{key}` | {_format(entry['value'])} | {entry['unit']} | {entry['goal']} | {entry['verdict']} |")
+        lines.append(
+            f"| `{key}` | {_format(entry['value'])} | {entry['unit']} | {entry['goal']} "
+            f"| {entry['verdict']} |"
+        )
     lines += ["", "| check | passed | detail |", "|---|---|---|"]
     for name, entry in data["checks"].items():
-        detail = "; ".join(f"{k}={_format(v)}" for k, v in entry["detail"].items() if not isinstance(v, (list, dict)))
+        detail = "; ".join(
+            f"{k}={_format(v)}"
+            for k, v in entry["detail"].items()
+            if k != "traceback" and not isinstance(v, dict) and (v or v == 0)
+        )
         lines.append(f"| `{name}` | {'yes' if entry['passed'] else '**no**'} | {detail} |")
     return "\n".join(lines) + "\n"
 
@@ -207,16 +248,32 @@ def describe_machine(plan: Plan) -> dict:
     import torch
 
     versions = {}
-    for key, dist in (("dali", "nvidia-dali-cuda130"), ("dali", "nvidia-dali-cuda120"), ("timm", "timm"),
-                      ("accelerate", "accelerate"), ("webdataset", "webdataset")):
+    for key, dist in (
+        ("dali", "nvidia-dali-cuda130"),
+        ("dali", "nvidia-dali-cuda120"),
+        ("timm", "timm"),
+        ("accelerate", "accelerate"),
+        ("webdataset", "webdataset"),
+    ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions.setdefault(key, metadata.version(dist))
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not plan.dry_run else "cpu"
-    memory = (round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-              if torch.cuda.is_available() and not plan.dry_run else None)
-    return {"card": card, "gpu_memory_gib": memory, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "load_1min_start": round(os.getloadavg()[0], 2), **versions}
+    memory = (
+        round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        if torch.cuda.is_available() and not plan.dry_run
+        else None
+    )
+    return {
+        "card": card,
+        "gpu_memory_gib": memory,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_1min_start": round(os.getloadavg()[0], 2),
+        **versions,
+    }
 
 
 # ------------------------------------------------------------------ wheels (a bare GPU machine, no network)
@@ -232,7 +289,9 @@ def _wheel_dist(wheel: Path) -> tuple[str, str]:
     """(normalised distribution name, version) from a wheel file name."""
     parts = wheel.name[: -len(".whl")].split("-")
     if len(parts) < 5:
-        raise MtScaleError(f"{wheel}: not a wheel file name (name-version-python-abi-platform.whl); remove it")
+        raise MtScaleError(
+            f"{wheel}: not a wheel file name (name-version-python-abi-platform.whl); remove it"
+        )
     return _dist_name(parts[0]), parts[1]
 
 
@@ -254,7 +313,7 @@ def _wheel_problem(path: Path, sha256_file: Path) -> str | None:
 
 
 def join_wheel_parts(folder: Path) -> list[Path]:
-    """Join every `<wheel>.part-*` group (from `split -b 55m`) into `<wheel>`, in suffix order; the wheels made.
+    """Join every `<wheel>.part-*` group (`split -b 55m`) into `<wheel>`, in suffix order; the wheels made.
 
     A wheel that is already there and valid is kept. The joined file must be a valid zip (every
     member's CRC checked) and match `<wheel>.sha256` when that file is present.
@@ -277,8 +336,10 @@ def join_wheel_parts(folder: Path) -> list[Path]:
         problem = _wheel_problem(temp, folder / f"{name}.sha256")
         if problem:
             temp.unlink()
-            raise MtScaleError(f"{folder}: the {len(parts)} parts of {name} {problem}; bring all its parts again "
-                               "(docs/performance.md, GPU check)")
+            raise MtScaleError(
+                f"{folder}: the {len(parts)} parts of {name} {problem}; bring all its parts again "
+                "(docs/performance.md, GPU check)"
+            )
         os.replace(temp, wheel)
         made.append(wheel)
     return made
@@ -295,7 +356,7 @@ def _installed(dist: str, target: Path | None) -> str | None:
 
 
 def _requirements(wheel: Path) -> list[str]:
-    """The distributions `wheel` requires on this interpreter (extras and other platforms' markers left out)."""
+    """The distributions `wheel` requires here (extras and other platforms' markers left out)."""
     try:
         from packaging.requirements import Requirement
     except ImportError:
@@ -312,9 +373,10 @@ def _requirements(wheel: Path) -> list[str]:
     return needed
 
 
-def prepare_wheels(folder: Path, *, target: Path | None = None, dry_run: bool = False,
-                   log: Callable[[str], None] = print) -> dict[str, list[str]]:
-    """Join split wheels in `folder`, then pip-install (offline, --no-deps) those whose distribution is missing.
+def prepare_wheels(
+    folder: Path, *, target: Path | None = None, dry_run: bool = False, log: Callable[[str], None] = print
+) -> dict[str, list[str]]:
+    """Join split wheels in `folder`, then pip-install (offline, --no-deps) those not installed.
 
     `target`: install there (pip --target) instead of this environment; `dry_run`: pip --dry-run.
     Returns {"joined", "installed", "present", "unmet"}; "unmet" names requirements of the installed
@@ -329,26 +391,44 @@ def prepare_wheels(folder: Path, *, target: Path | None = None, dry_run: bool = 
     for wheel in sorted(folder.glob("*.whl")):
         dist, _ = _wheel_dist(wheel)
         if dist in wheels:
-            raise MtScaleError(f"{folder}: two wheels of {dist} ({wheels[dist].name}, {wheel.name}); keep one")
+            raise MtScaleError(
+                f"{folder}: two wheels of {dist} ({wheels[dist].name}, {wheel.name}); keep one"
+            )
         wheels[dist] = wheel
     missing = {dist: wheel for dist, wheel in wheels.items() if _installed(dist, target) is None}
     summary["present"] = sorted(set(wheels) - set(missing))
     if missing:
-        command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile",
-                   "--no-cache-dir", "--disable-pip-version-check", "-q", "--find-links", str(folder)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "-q",
+            "--find-links",
+            str(folder),
+        ]
         command += ["--target", str(target)] if target is not None else []
         command += ["--dry-run"] if dry_run else []
         done = subprocess.run([*command, *map(str, missing.values())], capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise MtScaleError(f"{folder}: pip could not install {', '.join(sorted(missing))} offline: {last}")
+            raise MtScaleError(
+                f"{folder}: pip could not install {', '.join(sorted(missing))} offline: {last}"
+            )
         summary["installed"] = sorted(missing)
     for dist, wheel in sorted(missing.items()):
         for needed in _requirements(wheel):
             if needed not in wheels and _installed(needed, target) is None:
                 summary["unmet"].append(f"{dist} needs {needed}")
-    log(f"mt-bench gpu: wheels in {folder}: joined {summary['joined'] or 'none'}, installed "
-        f"{summary['installed'] or 'none'}, already present {summary['present'] or 'none'}")
+    log(
+        f"mt-bench gpu: wheels in {folder}: joined {summary['joined'] or 'none'}, installed "
+        f"{summary['installed'] or 'none'}, already present {summary['present'] or 'none'}"
+    )
     for line in summary["unmet"]:
         log(f"mt-bench gpu: WARNING: {line}, which is neither installed nor in {folder}: bring its wheel")
     if target is not None and not dry_run and str(target) not in sys.path:
@@ -406,7 +486,9 @@ def largest_batch(fits: Callable[[int], bool], start: int, cap: int) -> tuple[in
     """The largest batch for which `fits` is true: double from `start` until it fails (or passes `cap`),
     then bisect back between the last fit and the first failure to 1/8 of the batch (multiples of 8)."""
     if not fits(start):
-        raise MtScaleError(f"a batch of {start} rows does not fit in this GPU's memory; lower data.batch_size")
+        raise MtScaleError(
+            f"a batch of {start} rows does not fit in this GPU's memory; lower data.batch_size"
+        )
     good, size = start, start * 2
     while size <= cap and fits(size):
         good, size = size, size * 2
@@ -430,7 +512,9 @@ def ks_two_sample(a: Any, b: Any) -> float:
 
     a, b = np.sort(np.asarray(a, dtype=float)), np.sort(np.asarray(b, dtype=float))
     grid = np.concatenate([a, b])
-    return float(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max())
+    return float(
+        np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b)).max()
+    )
 
 
 def ks_uniform(values: Any, low: float, high: float) -> float:
@@ -444,7 +528,7 @@ def ks_uniform(values: Any, low: float, high: float) -> float:
 
 
 def ks_limit(n: int, m: int | None = None) -> float:
-    """The KS distance a sample of n (against m, or an exact law) exceeds by chance with probability ~0.001."""
+    """The KS distance a sample of n (against m, or an exact law) exceeds by chance with p ~ 0.001."""
     return 1.95 * math.sqrt(1 / n + (1 / m if m else 0.0))
 
 
@@ -491,7 +575,7 @@ def colour_pattern(cell: int = 64) -> Any:
     colours = [(r, g, b) for r in COLOUR_LEVELS for g in COLOUR_LEVELS for b in COLOUR_LEVELS]
     for index, colour in enumerate(colours):
         row, col = divmod(index, 9)
-        image[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell] = colour
+        image[row * cell : (row + 1) * cell, col * cell : (col + 1) * cell] = colour
     return image
 
 
@@ -517,27 +601,45 @@ def part_data(ctx: Context) -> None:
     from shard_tools.samples import write_photo_tree
 
     plan, work = ctx.plan, ctx.work
-    tree = write_photo_tree(work / "photos", count=plan.photos, num_classes=10, size=plan.photo_size, seed=0,
-                            with_val=True, val_count=plan.val_photos)
+    tree = write_photo_tree(
+        work / "photos",
+        count=plan.photos,
+        num_classes=10,
+        size=plan.photo_size,
+        seed=0,
+        with_val=True,
+        val_count=plan.val_photos,
+    )
     pack(tree, work / "photo-shards", label_fraction=0.5, seed=0, progress=False)
-    ctx.data = Data(work / "photo-shards", _pattern_shards(work / "geometry", coordinate_pattern(*GEOMETRY_SIZE), 95),
-                    _pattern_shards(work / "colour", colour_pattern(), 100))
+    ctx.data = Data(
+        work / "photo-shards",
+        _pattern_shards(work / "geometry", coordinate_pattern(*GEOMETRY_SIZE), 95),
+        _pattern_shards(work / "colour", colour_pattern(), 100),
+    )
 
 
-# ------------------------------------------------------------------ DALI: structure, eval view, view statistics
+# ------------------------------------------------------------------ DALI: structure, eval view, statistics
 
 
 def _data_config(plan: Plan, **overrides: Any) -> Any:
     from pipelines import DataConfig
 
-    values = dict(batch_size=plan.batch, labeled_per_batch=plan.labeled, student_aug="imagenet-train",
-                  teacher_aug="imagenet-train", eval_aug="imagenet-eval", workers=plan.loader_workers,
-                  shuffle_buffer=1000, eval_batch_size=plan.val_photos, seed=0)
+    values = dict(
+        batch_size=plan.batch,
+        labeled_per_batch=plan.labeled,
+        student_aug="imagenet-train",
+        teacher_aug="imagenet-train",
+        eval_aug="imagenet-eval",
+        workers=plan.loader_workers,
+        shuffle_buffer=1000,
+        eval_batch_size=plan.val_photos,
+        seed=0,
+    )
     return DataConfig(**{**values, **overrides})
 
 
 def check_structure(ctx: Context) -> bool:
-    """Both views, labels (-1 = the unlabeled mask) and the val batch's valid mask: shapes, dtypes, devices."""
+    """Both views, labels (-1 = unlabeled mask), the val batch's valid mask: shapes, dtypes, devices."""
     import torch
 
     from pipelines import build_loaders
@@ -554,21 +656,38 @@ def check_structure(ctx: Context) -> bool:
     for view in ("student", "teacher"):
         tensor = batch[view]
         expect(tuple(tensor.shape) == (rows, 3, *size), f"{view} shape {tuple(tensor.shape)}")
-        expect(tensor.dtype == torch.uint8 and tensor.device.type == plan.device, f"{view} {tensor.dtype} on {tensor.device}")
+        expect(
+            tensor.dtype == torch.uint8 and tensor.device.type == plan.device,
+            f"{view} {tensor.dtype} on {tensor.device}",
+        )
     label = batch["label"]
-    expect(label.dtype == torch.int64 and tuple(label.shape) == (rows,), f"label {label.dtype} {tuple(label.shape)}")
-    expect(bool(((label[:labeled] >= 0) & (label[:labeled] < loaders.num_classes)).all()), "labeled rows' labels")
+    expect(
+        label.dtype == torch.int64 and tuple(label.shape) == (rows,),
+        f"label {label.dtype} {tuple(label.shape)}",
+    )
+    expect(
+        bool(((label[:labeled] >= 0) & (label[:labeled] < loaders.num_classes)).all()), "labeled rows' labels"
+    )
     expect(bool((label[labeled:] == -1).all()), "unlabeled rows are not all -1")
     differing = sum(not torch.equal(s, t) for s, t in zip(batch["student"], batch["teacher"], strict=True))
     expect(differing >= 0.9 * rows, f"only {differing} of {rows} view pairs differ")
     image, valid = val["image"], val["valid"]
-    expect(tuple(image.shape) == (plan.val_photos, 3, *size) and image.dtype == torch.uint8
-           and image.device.type == plan.device, f"val image {tuple(image.shape)} {image.dtype} on {image.device}")
+    expect(
+        tuple(image.shape) == (plan.val_photos, 3, *size)
+        and image.dtype == torch.uint8
+        and image.device.type == plan.device,
+        f"val image {tuple(image.shape)} {image.dtype} on {image.device}",
+    )
     expect(valid.dtype == torch.bool and int(valid.sum()) == plan.val_photos, f"val valid mask {valid.dtype}")
     expect(val["label"].dtype == torch.int64, f"val label {val['label'].dtype}")
     return ctx.report.check(
-        "dali/structure", not problems, problems=problems, views=f"{rows}x3x224x224 uint8 on {batch['student'].device}",
-        label=f"int64 on {label.device}, {labeled} labeled then -1", val=f"{tuple(image.shape)} + valid mask")
+        "dali/structure",
+        not problems,
+        problems=problems,
+        views=f"{rows}x3x224x224 uint8 on {batch['student'].device}",
+        label=f"int64 on {label.device}, {labeled} labeled then -1",
+        val=f"{tuple(image.shape)} + valid mask",
+    )
 
 
 def check_eval_view(ctx: Context) -> bool:
@@ -578,14 +697,24 @@ def check_eval_view(ctx: Context) -> bool:
     views = {}
     for backend, workers in (("dali", ctx.plan.loader_workers), ("torch", 0)):
         cfg = _data_config(ctx.plan, workers=workers)
-        batch = next(iter(build_loaders(ctx.need_data().photo_shards, cfg, backend=backend, with_keys=True).val))
+        batch = next(
+            iter(build_loaders(ctx.need_data().photo_shards, cfg, backend=backend, with_keys=True).val)
+        )
         views[backend] = dict(zip(batch["key"], batch["image"][batch["valid"]].cpu(), strict=True))
     same_keys = views["dali"].keys() == views["torch"].keys()
-    differences = [float((views["dali"][k].float() - image.float()).abs().mean()) for k, image in views["torch"].items()
-                   if k in views["dali"]]
+    differences = [
+        float((views["dali"][k].float() - image.float()).abs().mean())
+        for k, image in views["torch"].items()
+        if k in views["dali"]
+    ]
     worst = max(differences) if differences else float("inf")
-    return ctx.report.check("dali/eval_matches_torch", same_keys and worst < 2.0, images=len(differences),
-                            worst_mean_abs_diff=round(worst, 3), limit="< 2 grey levels per image")
+    return ctx.report.check(
+        "dali/eval_matches_torch",
+        same_keys and worst < 2.0,
+        images=len(differences),
+        worst_mean_abs_diff=round(worst, 3),
+        limit="< 2 grey levels per image",
+    )
 
 
 def _to_numpy(output: Any) -> Any:
@@ -602,8 +731,17 @@ def pattern_views(ctx: Context, shards: list[str], specs: tuple, count: int) -> 
     from pipelines.dali import build_pipeline
 
     device_id = torch.cuda.current_device() if ctx.plan.device == "cuda" else None
-    pipe = build_pipeline(shards, specs, ctx.plan.stat_batch, shard_id=0, num_shards=1, shuffle_buffer=0, seed=7,
-                          threads=ctx.plan.loader_workers, device_id=device_id)
+    pipe = build_pipeline(
+        shards,
+        specs,
+        ctx.plan.stat_batch,
+        shard_id=0,
+        num_shards=1,
+        shuffle_buffer=0,
+        seed=7,
+        threads=ctx.plan.loader_workers,
+        device_id=device_id,
+    )
     outputs: list[list] = [[] for _ in specs]
     while sum(len(o) for o in outputs[0]) < count:
         produced = pipe.run()
@@ -619,7 +757,9 @@ def view_geometry(view: Any, width: int, height: int) -> tuple[float, float, boo
     import numpy as np
 
     red, green, blue = (channel.astype(np.float64) for channel in view)
-    inside = (blue > 64) & (red > 2) & (red < 253) & (green > 2) & (green < 253)  # not fill, not a clamped end
+    inside = (
+        (blue > 64) & (red > 2) & (red < 253) & (green > 2) & (green < 253)
+    )  # not fill, not a clamped end
     if inside.mean() < 0.25:
         return None
     out_h, out_w = red.shape
@@ -630,7 +770,7 @@ def view_geometry(view: Any, width: int, height: int) -> tuple[float, float, boo
     determinant = fx[0] * fy[1] - fx[1] * fy[0]
     area = abs(determinant) * out_w * out_h / (width * height)
     aspect = math.hypot(fx[0], fy[0]) * out_w / (math.hypot(fx[1], fy[1]) * out_h)
-    return area, aspect, determinant < 0, math.degrees(math.atan2(-fx[1], fy[1]))
+    return float(area), float(aspect), bool(determinant < 0), math.degrees(math.atan2(-fx[1], fy[1]))
 
 
 def _patch_means(view: Any) -> Any:
@@ -638,8 +778,15 @@ def _patch_means(view: Any) -> Any:
 
     cell = view.shape[1] // 3
     inner = slice(cell // 5, cell - cell // 5)
-    return np.array([view[:, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell][:, inner, inner].reshape(3, -1).mean(1)
-                     for r in range(3) for c in range(9)])
+    return np.array(
+        [
+            view[:, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell][:, inner, inner]
+            .reshape(3, -1)
+            .mean(1)
+            for r in range(3)
+            for c in range(9)
+        ]
+    )
 
 
 def view_colour(view: Any, plain: Any) -> tuple[float, float, float, float, float] | None:
@@ -662,88 +809,134 @@ def view_colour(view: Any, plain: Any) -> tuple[float, float, float, float, floa
     chroma = (yiq @ matrix @ np.linalg.inv(yiq))[1:, 1:] / gain
     grey = float((yiq[0] @ plain.reshape(3, -1).astype(np.float64)).mean())
     brightness = gain + float(offset.mean()) / grey
-    return (brightness, gain / brightness, math.sqrt(abs(np.linalg.det(chroma))),
-            math.atan2(chroma[0, 1], chroma[0, 0]) / (2 * math.pi), residual)
+    return (
+        brightness,
+        gain / brightness,
+        math.sqrt(abs(np.linalg.det(chroma))),
+        math.atan2(chroma[0, 1], chroma[0, 0]) / (2 * math.pi),
+        residual,
+    )
 
 
-def check_geometry(ctx: Context) -> bool:
-    """Crop area against the spec's own sampler (KS), aspect and rotation within range, flip rate ~0.5."""
+def judge_geometry(
+    found: list[tuple], views: int, spec: Any, width: int, height: int
+) -> tuple[list[str], dict]:
+    """What is wrong with view_geometry's estimates against `spec` (failures), and the figures (detail):
+    crop area against the spec's own sampler (KS), aspect and rotation within range, flip rate ~0.5."""
     import numpy as np
 
-    from pipelines.augment import get_spec, sample_crop_box
+    from pipelines.augment import sample_crop_box
 
-    spec = get_spec("imagenet-train")
-    geometry_only = replace(spec, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
-    (views,) = pattern_views(ctx, ctx.need_data().geometry_shards, (geometry_only,), ctx.plan.stat_views)
-    width, height = GEOMETRY_SIZE
-    found = [g for g in (view_geometry(v, width, height) for v in views) if g is not None]
     n = max(len(found), 1)
-    area, aspect, flipped, angle = (np.array(column, dtype=np.float64) for column in zip(*found, strict=True)) \
-        if found else (np.zeros(1),) * 4
+    area, aspect, flipped, angle = (
+        [np.array(c, dtype=np.float64) for c in zip(*found, strict=True)] if found else [np.zeros(1)] * 4
+    )
     rng = np.random.default_rng(0)
-    boxes = [sample_crop_box(spec, width, height, rng) for _ in range(20000)]
-    reference = [w * h / (width * height) for _, _, w, h in boxes]
-    low, high = spec.crop_scale
-    flip_rate, ks = float(flipped.mean()), ks_two_sample(area, reference)
-    rotation = spec.rotation_degrees
+    reference = [
+        w * h / (width * height)
+        for _, _, w, h in (sample_crop_box(spec, width, height, rng) for _ in range(20000))
+    ]
+    (low, high), (narrow, wide), rotation = spec.crop_scale, spec.crop_ratio, spec.rotation_degrees
+    flip_rate, ks, ks_max = float(flipped.mean()), ks_two_sample(area, reference), ks_limit(n, 20000) + 0.03
+    turned = float(np.abs(angle).max())
     failures = [text for ok, text in (
-        (len(found) >= 0.9 * len(views), f"only {len(found)} of {len(views)} views measurable"),
-        (low * 0.95 <= area.min() and area.max() <= high * 1.03, f"crop area {area.min():.3f}..{area.max():.3f}"),
-        (ks <= ks_limit(n, len(reference)) + 0.03, f"crop area distribution off the spec's (KS {ks:.3f})"),
-        (spec.crop_ratio[0] / 1.04 <= aspect.min() and aspect.max() <= spec.crop_ratio[1] * 1.04,
+        (len(found) >= 0.9 * views, f"only {len(found)} of {views} views measurable"),
+        (low * 0.95 <= area.min() and area.max() <= high * 1.03,
+         f"crop area {area.min():.3f}..{area.max():.3f}"),
+        (ks <= ks_max, f"crop area distribution off the spec's sampler (KS {ks:.3f} > {ks_max:.3f})"),
+        (narrow / 1.04 <= aspect.min() and aspect.max() <= wide * 1.04,
          f"aspect {aspect.min():.3f}..{aspect.max():.3f}"),
-        (np.abs(angle).max() <= rotation + 0.5 and np.abs(angle).max() >= 0.7 * rotation,
-         f"rotation {angle.min():.1f}..{angle.max():.1f} degrees"),
-        (abs(angle.mean()) <= 4 * rotation / math.sqrt(3 * n), f"mean rotation {angle.mean():.2f}"),
+        (0.7 * rotation <= turned <= rotation + 0.5,
+         f"rotation up to {turned:.1f} degrees (spec {rotation:g})"),
+        (abs(angle.mean()) <= 4 * rotation / math.sqrt(3 * n), f"mean rotation {angle.mean():.2f} degrees"),
         (abs(flip_rate - 0.5) <= 2 / math.sqrt(n), f"flip rate {flip_rate:.3f}"),
     ) if not ok]  # fmt: skip
-    return ctx.report.check(
-        "dali/geometry", not failures, failures=failures, views=len(found), flip_rate=round(flip_rate, 3),
-        crop_area=f"{area.min():.3f}..{area.max():.3f} (spec {low}..{high})", crop_area_ks=round(ks, 3),
-        crop_area_ks_limit=round(ks_limit(n, len(reference)) + 0.03, 3),
-        aspect=f"{aspect.min():.3f}..{aspect.max():.3f} (spec {spec.crop_ratio[0]:.3f}..{spec.crop_ratio[1]:.3f})",
-        rotation=f"{angle.min():.1f}..{angle.max():.1f} (spec +-{rotation:g})")
+    return failures, {
+        "views": len(found), "flip_rate": round(flip_rate, 3),
+        "crop_area": f"{area.min():.3f}..{area.max():.3f} (spec {low:g}..{high:g})",
+        "crop_area_ks": round(ks, 3), "crop_area_ks_limit": round(ks_max, 3),
+        "aspect": f"{aspect.min():.3f}..{aspect.max():.3f} (spec {narrow:.3f}..{wide:.3f})",
+        "rotation": f"{angle.min():.1f}..{angle.max():.1f} (spec +-{rotation:g})",
+    }  # fmt: skip
 
 
-def check_colour(ctx: Context) -> bool:
-    """Brightness, contrast, saturation and hue recovered per view: within the spec's ranges, uniform (KS)."""
+def judge_colour(found: list[tuple], views: int, spec: Any) -> tuple[list[str], dict]:
+    """What is wrong with view_colour's estimates against `spec`: each factor within its range and
+    uniform over it (KS), and one affine colour map per view (fit residual)."""
     import numpy as np
 
-    from pipelines.augment import AugmentSpec, get_spec
-
-    spec = get_spec("imagenet-train")
-    jitter = AugmentSpec(output_size=COLOUR_VIEW, brightness=spec.brightness, contrast=spec.contrast,
-                         saturation=spec.saturation, hue=spec.hue)
-    views, plain = pattern_views(ctx, ctx.need_data().colour_shards, (jitter, AugmentSpec(output_size=COLOUR_VIEW)),
-                                 ctx.plan.stat_views)
-    found = [c for c in (view_colour(v, p) for v, p in zip(views, plain, strict=True)) if c is not None]
     n = max(len(found), 1)
-    columns = [np.array(c) for c in zip(*found, strict=True)] if found else [np.zeros(1)] * 5
-    ranges = {"brightness": spec.brightness, "contrast": spec.contrast, "saturation": spec.saturation}
-    failures, detail = [], {}
-    if len(found) < 0.9 * len(views):
-        failures.append(f"only {len(found)} of {len(views)} views measurable")
-    for (name, v), values in zip([*ranges.items(), ("hue", spec.hue)], columns[:4], strict=True):
-        low, high = (-v, v) if name == "hue" else (max(0.0, 1 - v), 1 + v)
-        slack = 0.005 if name == "hue" else 0.03
+    columns = (
+        [np.array(c, dtype=np.float64) for c in zip(*found, strict=True)] if found else [np.zeros(1)] * 5
+    )
+    failures = [] if len(found) >= 0.9 * views else [f"only {len(found)} of {views} views measurable"]
+    detail: dict[str, Any] = {"views": len(found), "ks_limit": round(ks_limit(n) + 0.03, 3)}
+    factors = (
+        ("brightness", spec.brightness),
+        ("contrast", spec.contrast),
+        ("saturation", spec.saturation),
+        ("hue", spec.hue),
+    )
+    for (name, v), values in zip(factors, columns[:4], strict=True):
+        low, high, slack = (-v, v, 0.005) if name == "hue" else (max(0.0, 1 - v), 1 + v, 0.03)
         ks = ks_uniform(values, low, high)
         detail[name] = f"{values.min():.3f}..{values.max():.3f} (spec {low:g}..{high:g}), KS {ks:.3f}"
         if values.min() < low - slack or values.max() > high + slack or ks > ks_limit(n) + 0.03:
             failures.append(f"{name} {detail[name]}")
+    detail["fit_residual"] = round(float(columns[4].max()), 2)
     if columns[4].max() > 3.0:
         failures.append(f"colour is not one affine map per view (residual {columns[4].max():.1f} levels)")
-    return ctx.report.check("dali/colour", not failures, failures=failures, views=len(found),
-                            ks_limit=round(ks_limit(n) + 0.03, 3), fit_residual=round(float(columns[4].max()), 2),
-                            **detail)
+    return failures, detail
+
+
+def check_geometry(ctx: Context) -> bool:
+    """The imagenet-train spec's geometry (colour off) on the coordinate pattern, judged against the spec."""
+    from pipelines.augment import get_spec
+
+    spec = get_spec("imagenet-train")
+    geometry_only = replace(spec, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    (views,) = pattern_views(ctx, ctx.need_data().geometry_shards, (geometry_only,), ctx.plan.stat_views)
+    found = [g for g in (view_geometry(v, *GEOMETRY_SIZE) for v in views) if g is not None]
+    failures, detail = judge_geometry(found, len(views), spec, *GEOMETRY_SIZE)
+    return ctx.report.check("dali/geometry", not failures, failures=failures, **detail)
+
+
+def check_colour(ctx: Context) -> bool:
+    """The imagenet-train spec's colour jitter (no geometry) on the colour pattern, judged by the spec."""
+    from pipelines.augment import AugmentSpec, get_spec
+
+    spec = get_spec("imagenet-train")
+    jitter = AugmentSpec(
+        output_size=COLOUR_VIEW,
+        brightness=spec.brightness,
+        contrast=spec.contrast,
+        saturation=spec.saturation,
+        hue=spec.hue,
+    )
+    views, plain = pattern_views(
+        ctx,
+        ctx.need_data().colour_shards,
+        (jitter, AugmentSpec(output_size=COLOUR_VIEW)),
+        ctx.plan.stat_views,
+    )
+    found = [c for c in (view_colour(v, p) for v, p in zip(views, plain, strict=True)) if c is not None]
+    failures, detail = judge_colour(found, len(views), spec)
+    return ctx.report.check("dali/colour", not failures, failures=failures, **detail)
+
+
+DALI_CHECKS = (
+    ("dali/structure", check_structure),
+    ("dali/eval_matches_torch", check_eval_view),
+    ("dali/geometry", check_geometry),
+    ("dali/colour", check_colour),
+)
 
 
 def part_dali_checks(ctx: Context) -> None:
-    for check in (check_structure, check_eval_view, check_geometry, check_colour):
+    for name, check in DALI_CHECKS:
         try:
             check(ctx)
         except Exception as exc:  # each check stands alone: report it failed and go on
-            name = {check_structure: "dali/structure", check_eval_view: "dali/eval_matches_torch",
-                    check_geometry: "dali/geometry", check_colour: "dali/colour"}[check]
             ctx.report.check(name, False, error=_one_line(exc), traceback=traceback.format_exc()[-2000:])
         _release_memory()
 
@@ -763,9 +956,19 @@ def part_loader(ctx: Context) -> None:
         rows += int(next(stream)["student"].shape[0])
     _sync()
     rate = rows / (time.perf_counter() - start)
-    ctx.report.result("gpu/loader_img_s", rate, "img/s", goal=f">= {GOAL_LOADER_X:g}x the step's demand",
-                      batch=plan.batch, labeled=plan.labeled, threads=plan.loader_workers, batches=plan.loader_batches,
-                      images=plan.photos, image_size=list(plan.photo_size), device=plan.device)
+    ctx.report.result(
+        "gpu/loader_img_s",
+        rate,
+        "img/s",
+        goal=f">= {GOAL_LOADER_X:g}x the step's demand",
+        batch=plan.batch,
+        labeled=plan.labeled,
+        threads=plan.loader_workers,
+        batches=plan.loader_batches,
+        images=plan.photos,
+        image_size=list(plan.photo_size),
+        device=plan.device,
+    )
 
 
 # ------------------------------------------------------------------ the shipped step
@@ -781,6 +984,7 @@ def _compiler(plan: Plan) -> Iterator[None]:
 
     saved = model_module.compile_model
     if plan.compile_backend != "inductor":
+
         def compile_model(model: Any, cfg: Any) -> Any:
             return torch.compile(model, backend=plan.compile_backend) if cfg.compile else model
 
@@ -808,8 +1012,9 @@ class StepRig:
         self.plan, self.compiled = plan, compiled
         self.accelerator = _accelerator(plan)
         with _compiler(plan):
-            self.parts = create_training(self.config(plan.batch, plan.labeled), self.accelerator, NUM_CLASSES,
-                                         steps_per_epoch=1000)
+            self.parts = create_training(
+                self.config(plan.batch, plan.labeled), self.accelerator, NUM_CLASSES, steps_per_epoch=1000
+            )
         self.step_index = 0
         self._steps: dict[int, tuple] = {}
 
@@ -817,8 +1022,9 @@ class StepRig:
         from mt_scale.config import load_config
 
         return load_config(preset=PRESET, overrides=[
-            f"model.name={self.plan.model}", "model.channels_last=true", f"model.compile={str(self.compiled).lower()}",
-            f"run.mixed_precision={self.plan.precision}", "run.batch_scope=per_device", f"data.batch_size={batch}",
+            f"model.name={self.plan.model}", "model.channels_last=true",
+            f"model.compile={str(self.compiled).lower()}", f"run.mixed_precision={self.plan.precision}",
+            "run.batch_scope=per_device", f"data.batch_size={batch}",
             f"data.labeled_per_batch={labeled}"])  # fmt: skip
 
     def steps(self, batch: int) -> tuple[Any, Any]:
@@ -829,8 +1035,10 @@ class StepRig:
             labeled = self.plan.labeled if batch == self.plan.batch else batch // 2
             cfg = self.config(batch, labeled)
             with _compiler(self.plan):
-                self._steps[batch] = (MeanTeacherStep.create(cfg, self.accelerator, *self.parts),
-                                      MeanTeacherStep.create(cfg, self.accelerator, *self.parts, use_teacher=False))
+                self._steps[batch] = (
+                    MeanTeacherStep.create(cfg, self.accelerator, *self.parts),
+                    MeanTeacherStep.create(cfg, self.accelerator, *self.parts, use_teacher=False),
+                )
         return self._steps[batch]
 
     def inputs(self, batch: int) -> tuple[dict, dict]:
@@ -839,8 +1047,10 @@ class StepRig:
         labeled = self.plan.labeled if batch == self.plan.batch else batch // 2
         device, size = self.accelerator.device, self.plan.view_size
         torch.manual_seed(batch)
-        views = {name: torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-                 for name in ("student", "teacher")}
+        views = {
+            name: torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+            for name in ("student", "teacher")
+        }
         labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
         mixed = torch.where(torch.arange(batch, device=device) < labeled, labels, -1)
         return {**views, "label": mixed}, {**views, "label": labels}
@@ -866,8 +1076,11 @@ class StepRig:
             self.run(step, inputs, self.plan.timed_steps)
             _sync()
             seconds = time.perf_counter() - timed
-            out[name] = {"img_s": batch * self.plan.timed_steps / seconds, "warmup_s": timed - start,
-                         "peak_gib": _peak_memory_gib()}
+            out[name] = {
+                "img_s": batch * self.plan.timed_steps / seconds,
+                "warmup_s": timed - start,
+                "peak_gib": _peak_memory_gib(),
+            }
         return out
 
     def fits(self, batch: int) -> bool:
@@ -916,10 +1129,21 @@ def _step_results(ctx: Context, suffix: str, batch: int, rates: dict, compiled: 
     for name in ("mt", "supervised"):
         figure = rates[name]
         meets = figure["img_s"] >= GOAL_MT_IMG_S if name == "mt" else None
-        ctx.report.result(f"gpu/{name}_step_img_s{suffix}", figure["img_s"], "img/s", goal=goal if name == "mt" else "",
-                          meets=meets, batch=batch, labeled=ctx.plan.labeled if batch == ctx.plan.batch else batch // 2,
-                          model=ctx.plan.model, precision=ctx.plan.precision, channels_last=True, compile=compiled,
-                          warmup_s=round(figure["warmup_s"], 2), peak_gib=round(figure["peak_gib"], 2))
+        ctx.report.result(
+            f"gpu/{name}_step_img_s{suffix}",
+            figure["img_s"],
+            "img/s",
+            goal=goal if name == "mt" else "",
+            meets=meets,
+            batch=batch,
+            labeled=ctx.plan.labeled if batch == ctx.plan.batch else batch // 2,
+            model=ctx.plan.model,
+            precision=ctx.plan.precision,
+            channels_last=True,
+            compile=compiled,
+            warmup_s=round(figure["warmup_s"], 2),
+            peak_gib=round(figure["peak_gib"], 2),
+        )
 
 
 def part_steps(ctx: Context) -> None:
@@ -932,22 +1156,35 @@ def part_steps(ctx: Context) -> None:
     ctx.max_batch = used
     ctx.report.result("gpu/max_batch", used, "rows", search=why, found=largest, model=plan.model)
     _step_results(ctx, "/max_batch", used, rates, compiled=False)
-    ctx.report.result("gpu/peak_mem_gib", rates["mt"]["peak_gib"], "GiB", batch=used, step="mean teacher",
-                      at_preset_batch=round(ctx.report.results["gpu/mt_step_img_s"]["detail"]["peak_gib"], 2),
-                      what="torch.cuda.max_memory_allocated" if plan.device == "cuda" else "process peak RSS (CPU)")
+    ctx.report.result(
+        "gpu/peak_mem_gib",
+        rates["mt"]["peak_gib"],
+        "GiB",
+        batch=used,
+        step="mean teacher",
+        at_preset_batch=round(ctx.report.results["gpu/mt_step_img_s"]["detail"]["peak_gib"], 2),
+        what="torch.cuda.max_memory_allocated" if plan.device == "cuda" else "process peak RSS (CPU)",
+    )
 
 
 def part_compile(ctx: Context) -> None:
-    """The same with torch.compile (model.compile=true): the preset's batch, then the largest, within budget."""
+    """The same with torch.compile (model.compile=true): the preset's batch, then the largest (budget)."""
     import torch._dynamo
 
     plan, report = ctx.plan, ctx.report
-    keys = ("gpu/mt_step_img_s/compile", "gpu/supervised_step_img_s/compile", "gpu/compile_s",
-            "gpu/mt_step_img_s/max_batch_compile", "gpu/supervised_step_img_s/max_batch_compile")
+    keys = (
+        "gpu/mt_step_img_s/compile",
+        "gpu/supervised_step_img_s/compile",
+        "gpu/compile_s",
+        "gpu/mt_step_img_s/max_batch_compile",
+        "gpu/supervised_step_img_s/max_batch_compile",
+    )
     needed = 30.0 if plan.dry_run else 150.0
     if report.remaining() < needed:
         for key in keys:
-            report.skip(key, f"{report.remaining():.0f} s of the budget left, compiling needs about {needed:.0f}")
+            report.skip(
+                key, f"{report.remaining():.0f} s of the budget left, compiling needs about {needed:.0f}"
+            )
         return
     saved = torch._dynamo.config.automatic_dynamic_shapes
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per batch size, as in training
@@ -956,14 +1193,22 @@ def part_compile(ctx: Context) -> None:
         rates = rig.rates(plan.batch)
         _step_results(ctx, "/compile", plan.batch, rates, compiled=True)
         compile_s = rates["mt"]["warmup_s"] + rates["supervised"]["warmup_s"]
-        report.result("gpu/compile_s", compile_s, "s", what="warm-up of both compiled steps, compilation included",
-                      backend=plan.compile_backend, batch=plan.batch)
+        report.result(
+            "gpu/compile_s",
+            compile_s,
+            "s",
+            what="warm-up of both compiled steps, compilation included",
+            backend=plan.compile_backend,
+            batch=plan.batch,
+        )
         if ctx.max_batch is None or ctx.max_batch == plan.batch:
             for key in keys[3:]:
                 report.skip(key, "no larger batch was found")
         elif report.remaining() < 1.3 * compile_s + 20:
             for key in keys[3:]:
-                report.skip(key, f"{report.remaining():.0f} s of the budget left, compiling took {compile_s:.0f} s")
+                report.skip(
+                    key, f"{report.remaining():.0f} s of the budget left, compiling took {compile_s:.0f} s"
+                )
         else:
             used, rates = rig.rates_backing_off(ctx.max_batch)
             _step_results(ctx, "/max_batch_compile", used, rates, compiled=True)
@@ -1000,13 +1245,23 @@ def part_ema(ctx: Context) -> None:
         fused.append(block(update_teacher))
         loop.append(block(ema_update_loop))
     fused_ms, loop_ms = statistics.median(fused), statistics.median(loop)
-    detail = {"model": plan.ema_model, "tensors": len(list(student.parameters())), "device": plan.device,
-              "parameters": sum(p.numel() for p in student.parameters())}
+    detail = {
+        "model": plan.ema_model,
+        "tensors": len(list(student.parameters())),
+        "device": plan.device,
+        "parameters": sum(p.numel() for p in student.parameters()),
+    }
     goal = f"fused >= {GOAL_EMA_X:g}x faster than the loop"
     ctx.report.result("gpu/ema_fused_ms", fused_ms, "ms", goal=goal, **detail)
     ctx.report.result("gpu/ema_loop_ms", loop_ms, "ms", goal=goal, **detail)
-    ctx.report.result("gpu/ema_speedup", loop_ms / fused_ms, "x", goal=f">= {GOAL_EMA_X:g}x",
-                      meets=loop_ms / fused_ms >= GOAL_EMA_X, **detail)
+    ctx.report.result(
+        "gpu/ema_speedup",
+        loop_ms / fused_ms,
+        "x",
+        goal=f">= {GOAL_EMA_X:g}x",
+        meets=loop_ms / fused_ms >= GOAL_EMA_X,
+        **detail,
+    )
 
 
 def _end_to_end(ctx: Context, rig: StepRig, batch: int) -> float:
@@ -1033,8 +1288,17 @@ def part_end_to_end(ctx: Context) -> None:
     rig = StepRig(plan, compiled=False)
     rate = _end_to_end(ctx, rig, plan.batch)
     goal = f">= {GOAL_MT_IMG_S:,.0f} img/s (one H100)"
-    ctx.report.result("gpu/mt_end_to_end_img_s", rate, "img/s", goal=goal, meets=rate >= GOAL_MT_IMG_S,
-                      batch=plan.batch, labeled=plan.labeled, threads=plan.loader_workers, compile=False)
+    ctx.report.result(
+        "gpu/mt_end_to_end_img_s",
+        rate,
+        "img/s",
+        goal=goal,
+        meets=rate >= GOAL_MT_IMG_S,
+        batch=plan.batch,
+        labeled=plan.labeled,
+        threads=plan.loader_workers,
+        compile=False,
+    )
     if ctx.max_batch and ctx.max_batch != plan.batch:
         batch = ctx.max_batch * 7 // 8 // 8 * 8 or ctx.max_batch  # DALI's buffers need room too
         try:
@@ -1044,26 +1308,46 @@ def part_end_to_end(ctx: Context) -> None:
                 raise
             ctx.report.skip("gpu/mt_end_to_end_img_s/max_batch", f"out of memory at {batch} rows beside DALI")
             return
-        ctx.report.result("gpu/mt_end_to_end_img_s/max_batch", rate, "img/s", goal=goal, meets=rate >= GOAL_MT_IMG_S,
-                          batch=batch, labeled=batch // 2, threads=plan.loader_workers, compile=False)
+        ctx.report.result(
+            "gpu/mt_end_to_end_img_s/max_batch",
+            rate,
+            "img/s",
+            goal=goal,
+            meets=rate >= GOAL_MT_IMG_S,
+            batch=batch,
+            labeled=batch // 2,
+            threads=plan.loader_workers,
+            compile=False,
+        )
 
 
 def part_summary(ctx: Context) -> None:
     """Whether the loader keeps up: its rate over the fastest Mean Teacher step at the same batch."""
     results = ctx.report.results
-    demands = [results[k]["value"] for k in ("gpu/mt_step_img_s", "gpu/mt_step_img_s/compile")
-               if results.get(k, {}).get("value")]
+    demands = [
+        results[k]["value"]
+        for k in ("gpu/mt_step_img_s", "gpu/mt_step_img_s/compile")
+        if results.get(k, {}).get("value")
+    ]
     loader = results.get("gpu/loader_img_s", {}).get("value")
     if not demands or not loader:
         ctx.report.skip("gpu/loader_keeps_up", "needs the loader and step figures", "x")
         return
     ratio = loader / max(demands)
-    ctx.report.result("gpu/loader_keeps_up", ratio, "x", goal=f">= {GOAL_LOADER_X:g}x", meets=ratio >= GOAL_LOADER_X,
-                      keeps_up=ratio >= GOAL_LOADER_X, loader_img_s=round(loader, 1), demand_img_s=round(max(demands), 1),
-                      batch=ctx.plan.batch)
+    ctx.report.result(
+        "gpu/loader_keeps_up",
+        ratio,
+        "x",
+        goal=f">= {GOAL_LOADER_X:g}x",
+        meets=ratio >= GOAL_LOADER_X,
+        keeps_up=ratio >= GOAL_LOADER_X,
+        loader_img_s=round(loader, 1),
+        demand_img_s=round(max(demands), 1),
+        batch=ctx.plan.batch,
+    )
 
 
-# ------------------------------------------------------------------ mt-train: 30 steps, checkpoint, exact resume
+# ------------------------------------------------------------------ mt-train: 30 steps, exact resume
 
 
 @contextlib.contextmanager
@@ -1071,8 +1355,12 @@ def _deterministic() -> Iterator[list[str]]:
     """Deterministic kernels while the runs that must match run; yields the warnings of ops that have none."""
     import torch
 
-    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    saved = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.use_deterministic_algorithms(True, warn_only=True)
     notes: list[str] = []
@@ -1081,7 +1369,9 @@ def _deterministic() -> Iterator[list[str]]:
         try:
             yield notes
         finally:
-            notes.extend(sorted({_one_line(w.message)[:160] for w in caught if "determinis" in str(w.message)}))
+            notes.extend(
+                sorted({_one_line(w.message)[:160] for w in caught if "determinis" in str(w.message)})
+            )
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
             torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
@@ -1099,7 +1389,9 @@ def _weights_difference(a: Path, b: Path) -> tuple[float, bool]:
         other = second[key]
         equal = equal and torch.equal(tensor, other)
         if tensor.is_floating_point():
-            worst = max(worst, float((tensor.double() - other.double()).abs().max()) if tensor.numel() else 0.0)
+            worst = max(
+                worst, float((tensor.double() - other.double()).abs().max()) if tensor.numel() else 0.0
+            )
     return worst, equal
 
 
@@ -1112,14 +1404,22 @@ def part_mt_train(ctx: Context) -> None:
     from shard_tools.samples import write_photo_tree
 
     plan, work = ctx.plan, ctx.work
-    tree = write_photo_tree(work / "train-photos", count=plan.train_photos, num_classes=plan.train_classes,
-                            size=plan.train_photo_size, seed=1, with_val=True, val_count=plan.train_val)
+    tree = write_photo_tree(
+        work / "train-photos",
+        count=plan.train_photos,
+        num_classes=plan.train_classes,
+        size=plan.train_photo_size,
+        seed=1,
+        with_val=True,
+        val_count=plan.train_val,
+    )
     shards = work / "train-shards"
     pack(tree, shards, labels_per_class=plan.train_labels_per_class, seed=0, progress=False)
     overrides = [
         f"run.shards={shards}", f"model.name={plan.train_model}", f"run.mixed_precision={plan.precision}",
-        "run.batch_scope=per_device", f"data.batch_size={plan.batch}", f"data.labeled_per_batch={plan.labeled}",
-        "data.backend=dali", f"data.workers={plan.loader_workers}", f"data.eval_batch_size={plan.train_val // 2}",
+        "run.batch_scope=per_device", f"data.batch_size={plan.batch}",
+        f"data.labeled_per_batch={plan.labeled}", "data.backend=dali", f"data.workers={plan.loader_workers}",
+        f"data.eval_batch_size={plan.train_val // 2}",
         "run.epochs=3", "optim.lr=0.025", "optim.initial_lr=0.0125", "optim.lr_rampup_epochs=1",
         "optim.lr_rampdown_epochs=4", "mt.consistency_rampup_epochs=1", "run.eval_every_epochs=0",
         "run.checkpoint_every_epochs=0", "run.log_every_steps=5",
@@ -1141,19 +1441,34 @@ def part_mt_train(ctx: Context) -> None:
     report_file = straight / "report.json"
     summary = json.loads(report_file.read_text()) if report_file.is_file() else {}
     ran = codes == [0, 0, 0] and summary.get("steps") == 30 and bool(checkpoint_dirs(straight))
-    ctx.report.check("train/mt_train_30_steps", ran, exit_codes=codes, steps=summary.get("steps"),
-                     images_per_sec=summary.get("images_per_sec"), backend="dali", model=plan.train_model,
-                     log_tail=" | ".join(tail))
+    ctx.report.check(
+        "train/mt_train_30_steps",
+        ran,
+        exit_codes=codes,
+        steps=summary.get("steps"),
+        images_per_sec=summary.get("images_per_sec"),
+        backend="dali",
+        model=plan.train_model,
+        log_tail=" / ".join(tail),
+    )
     if not ran:
-        ctx.report.check("train/resume_exact", False, error="mt-train did not finish; see train/mt_train_30_steps")
+        ctx.report.check(
+            "train/resume_exact", False, error="mt-train did not finish; see train/mt_train_30_steps"
+        )
         return
     last_straight, last_split = checkpoint_dirs(straight)[-1], checkpoint_dirs(split)[-1]
     teacher, teacher_equal = _weights_difference(last_straight / TEACHER_NAME, last_split / TEACHER_NAME)
     student, student_equal = _weights_difference(last_straight / STUDENT_NAME, last_split / STUDENT_NAME)
-    ctx.report.check("train/resume_exact", last_split.name == last_straight.name and max(teacher, student) <= 1e-6,
-                     checkpoints=f"{last_straight.name} vs {last_split.name}", teacher_max_abs_diff=teacher,
-                     student_max_abs_diff=student, bitwise_equal=teacher_equal and student_equal,
-                     nondeterministic_ops=notes, limit="max abs difference <= 1e-6")
+    ctx.report.check(
+        "train/resume_exact",
+        last_split.name == last_straight.name and max(teacher, student) <= 1e-6,
+        checkpoints=f"{last_straight.name} vs {last_split.name}",
+        teacher_max_abs_diff=teacher,
+        student_max_abs_diff=student,
+        bitwise_equal=teacher_equal and student_equal,
+        nondeterministic_ops=notes,
+        limit="max abs difference <= 1e-6",
+    )
 
 
 # ------------------------------------------------------------------ the run
@@ -1178,7 +1493,8 @@ class Context:
 # In order: correctness first, then the figures, torch.compile last (its time decides what fits the budget).
 PARTS: tuple[tuple[str, Callable[[Context], None]], ...] = (
     ("data", part_data), ("dali_checks", part_dali_checks), ("loader", part_loader), ("steps", part_steps),
-    ("ema", part_ema), ("end_to_end", part_end_to_end), ("mt_train", part_mt_train), ("compile", part_compile),
+    ("ema", part_ema), ("end_to_end", part_end_to_end), ("mt_train", part_mt_train),
+    ("compile", part_compile),
     ("summary", part_summary),
 )  # fmt: skip
 
@@ -1189,30 +1505,48 @@ def run_part(ctx: Context, name: str, part: Callable[[Context], None]) -> None:
     try:
         part(ctx)
     except Exception as exc:  # one failing part must not cost the figures of the others
-        ctx.report.check(f"part/{name}", False, error=_one_line(exc), traceback=traceback.format_exc()[-3000:])
+        ctx.report.check(
+            f"part/{name}", False, error=_one_line(exc), traceback=traceback.format_exc()[-3000:]
+        )
         print(f"mt-bench gpu: part {name} failed: {_one_line(exc)}", file=sys.stderr, flush=True)
     finally:
         ctx.report.timings_s[name] = time.perf_counter() - start
         _release_memory()
         ctx.report.save()
-    print(f"mt-bench gpu: {name} done in {time.perf_counter() - start:.0f} s ({ctx.report.elapsed():.0f} s so far)",
-          file=sys.stderr, flush=True)
+    print(
+        f"mt-bench gpu: {name} done in {time.perf_counter() - start:.0f} s "
+        f"({ctx.report.elapsed():.0f} s so far)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
-def run_check(plan: Plan, *, json_path: Path | None = None, markdown_path: Path | None = None,
-              work_dir: Path | None = None, parts: tuple[str, ...] = ()) -> Report:
+def run_check(
+    plan: Plan,
+    *,
+    json_path: Path | None = None,
+    markdown_path: Path | None = None,
+    work_dir: Path | None = None,
+    parts: tuple[str, ...] = (),
+) -> Report:
     """Every part of `plan` (or the named `parts`), in order; the report is saved after each."""
     absent = missing_modules()
     if absent:
-        raise MtScaleError(f"this Python lacks {', '.join(absent)}: put their wheels in .whl/ and run make gpu-check "
-                           "(docs/performance.md, GPU check)")
+        raise MtScaleError(
+            f"this Python lacks {', '.join(absent)}: put their wheels in .whl/ and run make gpu-check "
+            "(docs/performance.md, GPU check)"
+        )
     import torch
 
     if not plan.dry_run and not torch.cuda.is_available():
-        raise MtScaleError("no CUDA GPU is visible to torch; run `mt-bench gpu --dry-run` for the CPU rehearsal")
+        raise MtScaleError(
+            "no CUDA GPU is visible to torch; run `mt-bench gpu --dry-run` for the CPU rehearsal"
+        )
     unknown = sorted(set(parts) - {name for name, _ in PARTS})
     if unknown:
-        raise MtScaleError(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(n for n, _ in PARTS)}")
+        raise MtScaleError(
+            f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(n for n, _ in PARTS)}"
+        )
     report = Report(plan, json_path, markdown_path, machine=describe_machine(plan))
     report.save()
     work = Path(tempfile.mkdtemp(prefix="mt-gpu-check-")) if work_dir is None else work_dir
@@ -1232,18 +1566,35 @@ def run_check(plan: Plan, *, json_path: Path | None = None, markdown_path: Path 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mt-bench gpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true",
-                        help="the same code on the CPU with tiny sizes (GPUs hidden): proves the kit, measures nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the same code on the CPU with tiny sizes (GPUs hidden): proves the kit, measures nothing",
+    )
     parser.add_argument("--json", type=Path, help="write the figures as JSON here (after every part)")
     parser.add_argument("--markdown", type=Path, help="write the table as Markdown here")
-    parser.add_argument("--work-dir", type=Path, help="keep generated images, shards and runs here (default: removed)")
-    parser.add_argument("--wheels", type=Path, metavar="DIR",
-                        help="first join split wheels in DIR and pip-install, offline, those this Python lacks")
-    parser.add_argument("--target", type=Path, metavar="DIR", help="with --wheels: install into DIR (pip --target)")
+    parser.add_argument(
+        "--work-dir", type=Path, help="keep generated images, shards and runs here (default: removed)"
+    )
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        metavar="DIR",
+        help="first join split wheels in DIR and pip-install, offline, those this Python lacks",
+    )
+    parser.add_argument(
+        "--target", type=Path, metavar="DIR", help="with --wheels: install into DIR (pip --target)"
+    )
     parser.add_argument("--install-only", action="store_true", help="with --wheels: install, then stop")
-    parser.add_argument("--budget", type=float, help="seconds the run may take; torch.compile parts that would "
-                        "overrun it are skipped (default 450 on a GPU, 600 in the dry run)")
-    parser.add_argument("--parts", default="", help=f"comma-separated subset of: {', '.join(n for n, _ in PARTS)}")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds the run may take; torch.compile parts that would "
+        "overrun it are skipped (default 450 on a GPU, 600 in the dry run)",
+    )
+    parser.add_argument(
+        "--parts", default="", help=f"comma-separated subset of: {', '.join(n for n, _ in PARTS)}"
+    )
     return parser
 
 
@@ -1265,12 +1616,19 @@ def main(argv: list[str] | None = None) -> int:
         if plan.dry_run:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the same CPU rehearsal on any machine
         else:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # lets the resume check be deterministic
+            os.environ.setdefault(
+                "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
+            )  # lets the resume check be deterministic
         for path in (args.json, args.markdown):
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-        report = run_check(plan, json_path=args.json, markdown_path=args.markdown, work_dir=args.work_dir,
-                           parts=tuple(p for p in args.parts.split(",") if p))
+        report = run_check(
+            plan,
+            json_path=args.json,
+            markdown_path=args.markdown,
+            work_dir=args.work_dir,
+            parts=tuple(p for p in args.parts.split(",") if p),
+        )
     except MtScaleError as exc:
         print(f"mt-bench gpu: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
