@@ -313,32 +313,33 @@ def _wheel_problem(path: Path, sha256_file: Path) -> str | None:
 
 
 def join_wheel_parts(folder: Path) -> list[Path]:
-    """Join every `<wheel>.part-*` group (`split -b 55m`) into `<wheel>`, in suffix order; the wheels made.
+    """Join every `<wheel>.part-*` group under `folder` (`split -b 55m`) into `<wheel>` beside its parts,
+    in suffix order; returns the wheels made.
 
     A wheel that is already there and valid is kept. The joined file must be a valid zip (every
     member's CRC checked) and match `<wheel>.sha256` when that file is present.
     """
-    groups: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
+    groups: dict[Path, list[Path]] = {}
+    for path in sorted(folder.rglob("*.whl.part-*")):
         match = _PART.match(path.name)
         if match and path.is_file():
-            groups.setdefault(match["wheel"], []).append(path)
+            groups.setdefault(path.parent / match["wheel"], []).append(path)
     made = []
-    for name, parts in sorted(groups.items()):
-        wheel = folder / name
-        if wheel.is_file() and _wheel_problem(wheel, folder / f"{name}.sha256") is None:
+    for wheel, parts in sorted(groups.items()):
+        checksum = wheel.with_name(f"{wheel.name}.sha256")
+        if wheel.is_file() and _wheel_problem(wheel, checksum) is None:
             continue
-        temp = folder / f".{name}.partial"
+        temp = wheel.with_name(f".{wheel.name}.partial")
         with open(temp, "wb") as out:
             for part in parts:  # split's suffixes (aa, ab, ... or 00, 01, ...) sort in order
                 with open(part, "rb") as source:
                     shutil.copyfileobj(source, out, 1 << 24)
-        problem = _wheel_problem(temp, folder / f"{name}.sha256")
+        problem = _wheel_problem(temp, checksum)
         if problem:
             temp.unlink()
             raise MtScaleError(
-                f"{folder}: the {len(parts)} parts of {name} {problem}; bring all its parts again "
-                "(docs/performance.md, GPU check)"
+                f"{wheel.parent}: the {len(parts)} parts of {wheel.name} {problem}; bring all its parts "
+                "again (docs/performance.md, GPU check)"
             )
         os.replace(temp, wheel)
         made.append(wheel)
@@ -376,7 +377,8 @@ def _requirements(wheel: Path) -> list[str]:
 def prepare_wheels(
     folder: Path, *, target: Path | None = None, dry_run: bool = False, log: Callable[[str], None] = print
 ) -> dict[str, list[str]]:
-    """Join split wheels in `folder`, then pip-install (offline, --no-deps) those not installed.
+    """Join split wheels anywhere under `folder`, then pip-install (offline, --no-deps) every wheel under
+    it whose distribution is not installed yet.
 
     `target`: install there (pip --target) instead of this environment; `dry_run`: pip --dry-run.
     Returns {"joined", "installed", "present", "unmet"}; "unmet" names requirements of the installed
@@ -388,7 +390,7 @@ def prepare_wheels(
         return summary
     summary["joined"] = [p.name for p in join_wheel_parts(folder)]
     wheels: dict[str, Path] = {}
-    for wheel in sorted(folder.glob("*.whl")):
+    for wheel in sorted(folder.rglob("*.whl")):
         dist, _ = _wheel_dist(wheel)
         if dist in wheels:
             raise MtScaleError(

@@ -97,9 +97,13 @@ def math_finite(value: float) -> bool:
 
 
 def make_wheel(
-    folder: Path, name: str = "mt_gpu_check_fake", version: str = "0.1", payload: int = 300_000
+    folder: Path,
+    name: str = "mt_gpu_check_fake",
+    version: str = "0.1",
+    payload: int = 300_000,
+    requires: str = "mt-gpu-check-absent",
 ) -> Path:
-    """A small pure-Python wheel (random, incompressible payload) that requires a distribution nobody has."""
+    """A small pure-Python wheel (incompressible payload) requiring `requires` (by default nobody has it)."""
     wheel = folder / f"{name}-{version}-py3-none-any.whl"
     info = f"{name}-{version}.dist-info"
     rng = np.random.default_rng(0)
@@ -109,7 +113,7 @@ def make_wheel(
         archive.writestr(
             f"{info}/METADATA",
             f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-            "Requires-Dist: mt-gpu-check-absent\nRequires-Dist: pytest ; extra == 'test'\n",
+            f"Requires-Dist: {requires}\nRequires-Dist: pytest ; extra == 'test'\n",
         )
         archive.writestr(
             f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
@@ -137,16 +141,21 @@ def test_split_wheel_is_joined_and_installed_offline(tmp_path: Path) -> None:
     parts = split_wheel(wheel)
     assert len(parts) == 3  # 300 kB in 100 KiB parts
     wheel.unlink()
+    (folder / "small").mkdir()  # small wheels travel as one folder; what they need may be among the wheels
+    make_wheel(folder / "small", name="mt_gpu_check_small", payload=1000, requires="mt-gpu-check-fake>=0.1")
     logged: list[str] = []
     summary = prepare_wheels(folder, target=site, log=logged.append)
     assert wheel.read_bytes() == original
-    assert summary["joined"] == [wheel.name] and summary["installed"] == ["mt-gpu-check-fake"]
+    assert summary["joined"] == [wheel.name]
+    assert summary["installed"] == ["mt-gpu-check-fake", "mt-gpu-check-small"]
     assert summary["unmet"] == ["mt-gpu-check-fake needs mt-gpu-check-absent"]  # the extra is left out
     assert (site / "mt_gpu_check_fake" / "__init__.py").read_text() == "VALUE = 42\n"
+    assert (site / "mt_gpu_check_small" / "payload.bin").stat().st_size == 1000
     assert any("WARNING: mt-gpu-check-fake needs mt-gpu-check-absent" in line for line in logged)
-    assert not list(folder.glob(".*partial"))
+    assert not list(folder.rglob(".*partial"))
     again = prepare_wheels(folder, target=site, log=logged.append)  # nothing left to do
-    assert again["joined"] == [] and again["installed"] == [] and again["present"] == ["mt-gpu-check-fake"]
+    assert again["joined"] == [] and again["installed"] == []
+    assert again["present"] == ["mt-gpu-check-fake", "mt-gpu-check-small"]
 
 
 def test_pip_dry_run_installs_nothing(tmp_path: Path) -> None:
