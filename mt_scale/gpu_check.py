@@ -87,7 +87,7 @@ class Plan:
     warmup_steps: int = 5
     timed_steps: int = 20
     max_batch_cap: int = 2048
-    photos: int = 1536  # ImageNet-size JPEGs for the loader
+    photos: int = 1024  # ImageNet-size JPEGs for the loader
     photo_size: tuple[int, int] = (500, 375)
     val_photos: int = 32
     loader_workers: int = 8  # DALI threads per pipeline (the preset's data.workers)
@@ -597,21 +597,42 @@ def _pattern_shards(root: Path, image: Any, quality: int) -> list[str]:
     return list(open_set(str(root / "shards"))[1]["train-labeled"].shards)
 
 
+def photo_tree(dest: Path, count: int, val_count: int, size: tuple[int, int], workers: int) -> Path:
+    """shard_tools.samples' generated photos (10 classes), written by `workers` processes into one tree."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from shard_tools.samples import write_photo_tree
+
+    kwargs = {"num_classes": 10, "size": size, "with_val": True}
+    if workers <= 1:
+        return write_photo_tree(dest, count=count, seed=0, val_count=val_count, **kwargs)
+
+    def share(total: int, k: int) -> int:
+        return total * (k + 1) // workers - total * k // workers
+
+    shares = [(dest / f"part-{k}", share(count, k), share(val_count, k)) for k in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:  # no CUDA state forked
+        futures = [pool.submit(write_photo_tree, part, count=n, seed=k, val_count=v, **kwargs)
+                   for k, (part, n, v) in enumerate(shares)]  # fmt: skip
+        for future in futures:
+            future.result()
+    for k, (part, _, _) in enumerate(shares):  # one tree, file names made unique per part
+        for image in sorted(part.rglob("*.JPEG")):
+            target = dest / image.relative_to(part).parent / f"p{k}_{image.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.replace(target)
+        shutil.rmtree(part)
+    return dest
+
+
 def part_data(ctx: Context) -> None:
     """ImageNet-size photos packed with the packer's defaults, and the two test patterns' shards."""
     from shard_tools.pack import pack
-    from shard_tools.samples import write_photo_tree
 
     plan, work = ctx.plan, ctx.work
-    tree = write_photo_tree(
-        work / "photos",
-        count=plan.photos,
-        num_classes=10,
-        size=plan.photo_size,
-        seed=0,
-        with_val=True,
-        val_count=plan.val_photos,
-    )
+    workers = min(8, os.cpu_count() or 1) if plan.photos >= 256 else 1
+    tree = photo_tree(work / "photos", plan.photos, plan.val_photos, plan.photo_size, workers)
     pack(tree, work / "photo-shards", label_fraction=0.5, seed=0, progress=False)
     ctx.data = Data(
         work / "photo-shards",
