@@ -1,22 +1,8 @@
 """Checkpoints (resume a killed run exactly) and the exported teacher (what a user ships).
 
-A checkpoint is one folder `run_dir/checkpoints/step-NNNNNNNN/`. Accelerate's `save_state` writes
-the prepared student (`model.safetensors`), the optimizer, LR scheduler and gradient scaler
-(`optimizer.bin`, `scheduler.bin`, `scaler.pt`) and each rank's RNG states
-(`random_states_<rank>.pkl`); we add the EMA teacher (`ema_teacher.safetensors`), where the loop
-is (`train_state.json`: step, epoch, counters, class names, model) and each rank's data position
-(`data_state_<rank>.json`, the loaders' plain state dict), since each rank reads different samples.
-
-A checkpoint may come from someone else, so loading it must never run code. We read every file
-ourselves instead of calling Accelerate's `load_state` (which unpickles registered objects with
-weights_only=False and skips an unreadable RNG file silently): weights through safetensors, our
-state as JSON, and Accelerate's pickles through `torch.load(weights_only=True)`, the RNG file with
-an allowlist of exactly the numpy types its MT19937 state needs. Any file that is missing, damaged,
-hostile or from another run is refused with one line naming it (MtScaleError).
-
-The folder is written under a temporary name and renamed once every rank has finished, so a run
-killed while saving never leaves a half checkpoint that `--resume` would pick up. Ranks must share
-a file system (the same rule as Accelerate's own checkpoints).
+`checkpoints/step-NNNNNNNN/` holds Accelerate's save_state files plus ours (ema_teacher.safetensors,
+train_state.json, data_state_<rank>.json). Loading reads every file itself and never runs code:
+safetensors, JSON, and torch.load(weights_only=True) (docs/design.md: checkpoints).
 """
 
 from __future__ import annotations
@@ -34,6 +20,7 @@ import numpy as np
 import torch
 
 from mt_scale.errors import MtScaleError
+from shard_tools.files import atomic_output
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -206,65 +193,10 @@ def load_checkpoint(
     from safetensors.torch import load_model
 
     rank = accelerator.process_index
-    if not (checkpoint / TRAIN_STATE_NAME).is_file() and any(
-        (checkpoint / n).is_file() for n in _OLD_FORMAT_FILES
-    ):
-        raise MtScaleError(
-            f"{checkpoint}: written by an older mt-scale whose state files are pickles, which are not loaded "
-            f"(they could run code); start a new run in another run.output_dir"
-        )
-    data_file = checkpoint / data_state_name(rank)
-    if not data_file.is_file():
-        raise MtScaleError(
-            f"{data_file}: missing; either this checkpoint was written by fewer processes than the "
-            f"{accelerator.num_processes} launched now (resume with the same number of processes) or it is "
-            f"incomplete ({_RESTART})"
-        )
-    wanted = [
-        TRAIN_STATE_NAME,
-        STUDENT_NAME,
-        TEACHER_NAME,
-        OPTIMIZER_NAME,
-        SCHEDULER_NAME,
-        rng_state_name(rank),
-    ]
-    if accelerator.scaler is not None:
-        wanted.append(SCALER_NAME)
-    for name in wanted:
-        if not (checkpoint / name).is_file():
-            raise MtScaleError(f"{checkpoint / name}: missing; the checkpoint is incomplete; {_RESTART}")
-
+    _check_files(accelerator, checkpoint)
     # 1. Where the loop was, and whether the checkpoint belongs to this run at all.
-    state_file = checkpoint / TRAIN_STATE_NAME
-    record = _read_json(state_file)
-    saved_model = record.get("model") if isinstance(record, dict) else None
-    if (
-        not isinstance(record, dict)
-        or record.get("format") != FORMAT_VERSION
-        or not isinstance(saved_model, dict)
-    ):
-        raise MtScaleError(
-            f"{state_file}: not an mt-scale checkpoint record (format {FORMAT_VERSION}); {_RESTART}"
-        )
-    if (saved_model.get("name"), saved_model.get("num_classes")) != (model_name, num_classes):
-        raise MtScaleError(
-            f"{state_file}: written for model {saved_model.get('name')!r} with {saved_model.get('num_classes')} "
-            f"classes, this run builds {model_name!r} with {num_classes}; resume with the model.name and shard "
-            f"set the run was started with, or start a new run in another run.output_dir"
-        )
-    expected_classes = list(state.class_names)
-    loaded = TrainState()
-    loaded.load_state_dict(record.get("state"), source=state_file)
-    if loaded.world_size != accelerator.num_processes:
-        raise MtScaleError(
-            f"{checkpoint}: written by {loaded.world_size} processes, resumed with "
-            f"{accelerator.num_processes}; resume with the same number of processes"
-        )
-    if expected_classes and loaded.class_names != expected_classes:
-        raise MtScaleError(
-            f"{checkpoint}: trained on classes {loaded.class_names[:5]}..., the shard set has "
-            f"{expected_classes[:5]}...; resume with the shard set the run was started on"
-        )
+    loaded = _read_train_state(accelerator, checkpoint, state.class_names, model_name, num_classes)
+    data_file = checkpoint / data_state_name(rank)
     data_state = _read_json(data_file)
     mismatch = _shape_mismatch(data_state, loaders.state_dict(), "position")
     if mismatch:
@@ -304,6 +236,68 @@ def load_checkpoint(
     except Exception as exc:
         raise MtScaleError(f"{data_file}: not a valid data position ({_reason(exc)}); {_RESTART}") from None
     state.load_state_dict(loaded.state_dict())
+
+
+def _check_files(accelerator: Accelerator, checkpoint: Path) -> None:
+    """Every file this rank reads is there (an old pickled checkpoint is refused unread)."""
+    rank = accelerator.process_index
+    if not (checkpoint / TRAIN_STATE_NAME).is_file() and any(
+        (checkpoint / n).is_file() for n in _OLD_FORMAT_FILES
+    ):
+        raise MtScaleError(
+            f"{checkpoint}: written by an older mt-scale whose state files are pickles, which are not loaded "
+            f"(they could run code); start a new run in another run.output_dir"
+        )
+    data_file = checkpoint / data_state_name(rank)
+    if not data_file.is_file():
+        raise MtScaleError(
+            f"{data_file}: missing; either this checkpoint was written by fewer processes than the "
+            f"{accelerator.num_processes} launched now (resume with the same number of processes) or it is "
+            f"incomplete ({_RESTART})"
+        )
+    wanted = [TRAIN_STATE_NAME, STUDENT_NAME, TEACHER_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, rng_state_name(rank)]
+    if accelerator.scaler is not None:
+        wanted.append(SCALER_NAME)
+    for name in wanted:
+        if not (checkpoint / name).is_file():
+            raise MtScaleError(f"{checkpoint / name}: missing; the checkpoint is incomplete; {_RESTART}")
+
+
+def _read_train_state(
+    accelerator: Accelerator, checkpoint: Path, class_names: list[str], model_name: str, num_classes: int
+) -> TrainState:
+    """train_state.json, checked against this run's model, classes and process count."""
+    state_file = checkpoint / TRAIN_STATE_NAME
+    record = _read_json(state_file)
+    saved_model = record.get("model") if isinstance(record, dict) else None
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != FORMAT_VERSION
+        or not isinstance(saved_model, dict)
+    ):
+        raise MtScaleError(
+            f"{state_file}: not an mt-scale checkpoint record (format {FORMAT_VERSION}); {_RESTART}"
+        )
+    if (saved_model.get("name"), saved_model.get("num_classes")) != (model_name, num_classes):
+        raise MtScaleError(
+            f"{state_file}: written for model {saved_model.get('name')!r} with {saved_model.get('num_classes')} "
+            f"classes, this run builds {model_name!r} with {num_classes}; resume with the model.name and shard "
+            f"set the run was started with, or start a new run in another run.output_dir"
+        )
+    expected_classes = list(class_names)
+    loaded = TrainState()
+    loaded.load_state_dict(record.get("state"), source=state_file)
+    if loaded.world_size != accelerator.num_processes:
+        raise MtScaleError(
+            f"{checkpoint}: written by {loaded.world_size} processes, resumed with "
+            f"{accelerator.num_processes}; resume with the same number of processes"
+        )
+    if expected_classes and loaded.class_names != expected_classes:
+        raise MtScaleError(
+            f"{checkpoint}: trained on classes {loaded.class_names[:5]}..., the shard set has "
+            f"{expected_classes[:5]}...; resume with the shard set the run was started on"
+        )
+    return loaded
 
 
 def _shape_mismatch(saved: Any, fresh: Any, where: str) -> str | None:
@@ -401,11 +395,6 @@ def export_teacher(teacher: torch.nn.Module, path: str | Path) -> Path:
     state = {
         key: value.detach().cpu().contiguous() for key, value in export_class_head_state_dict(teacher).items()
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as temp:
+        save_file(state, str(temp), metadata={"format": "pt"})
     return path

@@ -1,4 +1,4 @@
-"""Console entry points: `mt-train` (the training loop) and `mt-bench` (the benchmarks).
+"""Console entry points and their argument parsers: `mt-train`, `mt-bench` and the demo.
 
 `mt-train ARGS` runs one process, exactly `accelerate launch -m mt_scale.train ARGS` with a
 single-process configuration; for several processes, GPUs or nodes use `accelerate launch` with
@@ -7,22 +7,147 @@ its own flags or config file (docs/multinode.md) and the same ARGS.
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
+from pathlib import Path
+
+from shard_tools.errors import print_line, run_cli
+
+TRAIN_INTERRUPTED = "interrupted (Ctrl-C); checkpoints already written are kept: continue with --resume"
+
+
+def build_train_parser(prog: str = "mt-train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a Mean Teacher (or supervised-only) image classifier on a shard set. "
+        "Many processes/GPUs/nodes: accelerate launch [flags] -m mt_scale.train <same arguments>.",
+    )
+    parser.add_argument("--preset", help="preset name (mt_scale/presets/*.yaml)")
+    parser.add_argument("--config", help="YAML file applied over the preset")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one field, e.g. --set run.epochs=10 --set mt.enabled=false (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument(
+        "--resume", nargs="?", const="", default=None, metavar="DIR",
+        help="continue from the latest checkpoint of run.output_dir, or of DIR (a run folder or a checkpoint)",
+    )  # fmt: skip
+    parser.add_argument("--keep", type=int, default=None, metavar="N", help="keep the newest N checkpoints (0 = all)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--stop-after-steps", type=int, default=None, metavar="N",
+        help="checkpoint and stop after N optimizer steps (as if the job were pre-empted there)",
+    )  # fmt: skip
+    return parser
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    try:
-        from mt_scale.train import main
-    except KeyboardInterrupt:  # Ctrl-C while torch is still importing: one line, as in training
-        print("mt-train: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
-    return main(sys.argv[1:] if argv is None else argv)
+    """mt-train; returns the exit status.
+
+    0: done (or stopped by --stop-after-steps); 2: a user error, one line on stderr; 130: Ctrl-C;
+    143 (EXIT_PREEMPTED): SIGTERM, a checkpoint was written, continue with --resume.
+    """
+    args = build_train_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_cli("mt-train", lambda: _train(args), interrupted=TRAIN_INTERRUPTED, first_rank_only=True,
+                   os_hint="choose a writable run.output_dir with free space")  # fmt: skip
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mt_scale.config import config_to_yaml, load_config
+    from mt_scale.preemption import EXIT_PREEMPTED
+    from mt_scale.train import train
+
+    cfg = load_config(preset=args.preset, config_file=args.config, overrides=list(args.overrides))
+    if args.print_config:
+        sys.stdout.write(config_to_yaml(cfg))
+        return 0
+    result = train(cfg, resume=args.resume, keep=args.keep, progress=not args.no_progress,
+                   stop_after_steps=args.stop_after_steps, handle_sigterm=True)  # fmt: skip
+    if result.report.get("stopped_by") == "SIGTERM":
+        print_line("mt-train", f"stopped by SIGTERM after step {result.report['stopped_at_step']}; checkpoint "
+                   f"{result.report['checkpoint']} written: continue with --resume", first_rank_only=True)  # fmt: skip
+        return EXIT_PREEMPTED
+    return 0
+
+
+def build_bench_parser() -> argparse.ArgumentParser:
+    """mt-bench's parser: one subcommand per stage, its flags read from the stage's options dataclass."""
+    from mt_scale.bench.common import add_options
+    from mt_scale.bench.runner import STAGES
+
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    output.add_argument("--work-dir", type=Path, help="keep generated inputs here (default: a temp dir)")
+    output.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser = argparse.ArgumentParser(
+        prog="mt-bench", description="Time each stage of mt-scale beside the alternative a user would otherwise run."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, stage in STAGES.items():
+        command = commands.add_parser(name, parents=[output], help=stage.help)
+        add_options(command, stage.options)
+        if stage.plot is not None:
+            command.add_argument("--plot", type=Path, help="write a PNG chart of the stage's figures")
+    every = commands.add_parser("all", parents=[output], help="every stage; stage options as --<stage>-<option>")
+    added: set[str] = set()
+    for name, stage in STAGES.items():
+        add_options(every, stage.options, prefix=name, added=added)
+    every.add_argument("--plot", type=Path, help="write a PNG chart of the pipeline comparison")
+    return parser
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    from mt_scale.bench import main
+    """mt-bench; returns the exit status (2: a user error or an unwritable output, one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_bench_parser().parse_args(argv)
+    return run_cli("mt-bench", lambda: _bench(args, argv), os_hint="check --images and --work-dir")
 
-    return main(sys.argv[1:] if argv is None else argv)
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from mt_scale.bench.common import options_from
+    from mt_scale.bench.runner import STAGES, format_table, run_stages, write_outputs
+    from mt_scale.errors import MtScaleError, os_error_message
+
+    names = list(STAGES) if args.command == "all" else [args.command]
+    prefixed = args.command == "all"
+    options = {name: options_from(args, STAGES[name].options, prefix=name if prefixed else "") for name in names}
+    plot = getattr(args, "plot", None)
+    settings = {"command": args.command, "json": args.json, "plot": plot, "work_dir": args.work_dir,
+                "markdown": args.markdown}  # fmt: skip
+    report = run_stages(options, "mt-bench " + " ".join(argv), args.work_dir, settings)
+    try:
+        write_outputs(report, args.json, plot)
+    except OSError as exc:
+        raise MtScaleError(f"cannot write {os_error_message(exc)}; choose a writable --json/--plot path") from None
+    print(format_table(report["results"], markdown=args.markdown))
+    for check in report["targets"]:
+        verdict = "holds" if check["holds"] else "MISSED"
+        print(f"target {check['figure']} {check['threshold']}: median {check['median']:.3g} -> {verdict}")
+    written = f"; wrote {args.json}" if args.json else ""
+    print(f"mt-bench {args.command}: {len(report['results'])} figures in {report['elapsed_s']} s{written}")
+    return 0
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """`make demo` (python -m mt_scale.demo): Mean Teacher vs the supervised baseline on the digits."""
+    from mt_scale import demo
+
+    parser = argparse.ArgumentParser(prog="python -m mt_scale.demo", description=demo.__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(demo.DEMO_DIR), help=f"demo folder (default {demo.DEMO_DIR})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(demo.SEEDS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
+        started = time.perf_counter()
+        summary = demo.run_demo(args.out, seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress)
+        print(demo.summary_text(summary, args.out, time.perf_counter() - started))
+        return 0
+
+    return run_cli("demo", run, os_hint="choose a writable --out folder with free space")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,8 @@
 """The one configuration schema of a training run: dataclasses, YAML presets, `a.b=value` overrides.
 
-`load_config(preset, config_file, overrides)` starts from the dataclass defaults, applies the
-preset (mt_scale/presets/<name>.yaml), then the YAML file, then each override, in that order.
-A YAML file may name its base with a top-level `preset:` key. Values are typed by the dataclass
-field they set; an unknown section or key raises MtScaleError naming it and the valid ones.
-
-Batches and the learning rate mean one of two things, chosen by `run.batch_scope`:
-- "global" (the paper presets): `data.batch_size`/`data.labeled_per_batch` are the batch of ONE
-  optimizer step over all devices and `optim.lr` its peak LR, as the paper ran them; on N devices
-  `resolve_for_devices` derives the per-device batch and the gradient accumulation that keep them.
-- "per_device": batch sizes and LR are per device as the reference's `base_*` values; the batch
-  grows with the device count and the LR is multiplied by N x accumulation.
-`optim.initial_lr` (the LR ramp-up's start) is never scaled, as in the reference.
+`load_config(preset, config_file, overrides)` applies the defaults, the preset, the file and each
+override in that order, each value typed by its field; `run.batch_scope` says whether batch sizes and
+`optim.lr` are per optimizer step over all devices ("global") or per device (docs/design.md).
 """
 
 from __future__ import annotations
@@ -90,6 +81,7 @@ class RunConfig:
     shards: str = ""  # the shard set directory (mt-shard pack output)
     batch_scope: str = "per_device"  # "global": data batch sizes and optim.lr are per optimizer step
     max_device_batch: int = 0  # global scope: most rows one device takes per micro-batch (0 = no cap)
+    log_with: str = "tensorboard"  # Accelerate's trackers, comma-separated (wandb, mlflow, aim...), or none
 
 
 @dataclass

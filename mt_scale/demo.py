@@ -8,15 +8,18 @@ teacher/student top-1 error, and writes runs/demo/summary.json and runs/demo/com
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from shard_tools.files import atomic_output, atomic_write
+
+if TYPE_CHECKING:
+    from mt_scale.config import Config
 
 DEMO_DIR = Path("runs/demo")
 PRESET = "digits-demo"
@@ -46,7 +49,7 @@ def ensure_digits_shards(shard_dir: str | Path, *, progress: bool = True) -> Pat
     return shard_dir
 
 
-def run_config(method: str, seed: int, shards: Path, out_dir: Path, overrides: Sequence[str] = ()) -> Any:
+def run_config(method: str, seed: int, shards: Path, out_dir: Path, overrides: Sequence[str] = ()) -> Config:
     """The digits-demo config of one demo run: the preset, this seed, and mt.enabled per method."""
     from mt_scale.config import load_config
 
@@ -68,7 +71,6 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Train both methods for every seed; returns (and writes) the summary {seed: {method: errors}}."""
-    from mt_scale.report import atomic_write_text
     from mt_scale.train import train
 
     out_dir = Path(out_dir)
@@ -93,7 +95,7 @@ def run_demo(
                 f"student {final['student_top1_error']:.4f} ({time.perf_counter() - started:.0f}s, {run_dir})",
                 flush=True,
             )
-    atomic_write_text(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    atomic_write(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     plot_comparison(summary, out_dir / PLOT_NAME)
     return summary
 
@@ -156,40 +158,25 @@ def plot_comparison(summary: dict[str, dict[str, dict[str, float]]], path: str |
     ax.legend(fontsize=8, ncol=2, loc="upper left")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as temp:
+            fig.savefig(temp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mt_scale.errors import MtScaleError
-    from pipelines.errors import PipelineError
-    from shard_tools.format import ShardFormatError
-
-    parser = argparse.ArgumentParser(prog="python -m mt_scale.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(DEMO_DIR), help="demo folder (default runs/demo)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    try:
-        summary = run_demo(args.out, seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress)
-    except (MtScaleError, PipelineError, ShardFormatError) as exc:
-        print(f"demo: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    print()
-    print(format_table(summary))
-    print(
-        f"\nMean Teacher's teacher error is {teacher_error_ratio(summary):.2f}x the supervised baseline's "
-        f"(target <= {TARGET_RATIO}); demo took {time.perf_counter() - started:.0f}s"
+def summary_text(summary: dict[str, dict[str, dict[str, float]]], out_dir: str | Path, seconds: float) -> str:
+    """What `make demo` prints at the end: the table, the ratio against its target, the files written."""
+    out_dir = Path(out_dir)
+    return (
+        f"\n{format_table(summary)}\n\nMean Teacher's teacher error is {teacher_error_ratio(summary):.2f}x the "
+        f"supervised baseline's (target <= {TARGET_RATIO}); demo took {seconds:.0f}s\n"
+        f"summary: {out_dir / SUMMARY_NAME}\nplot:    {out_dir / PLOT_NAME}"
     )
-    print(f"summary: {out / SUMMARY_NAME}\nplot:    {out / PLOT_NAME}")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m mt_scale.demo (make demo)
+    from mt_scale.cli import demo_main
+
+    sys.exit(demo_main())

@@ -1,9 +1,6 @@
 """Validation: top-1/top-5 error and mean cross-entropy of a model over the val split, across ranks.
 
-Each rank reads its own part of the val split (the pipelines give every sample to exactly one rank;
-a batch may carry a boolean "valid" mask for padding rows, which are not counted). Each rank sums
-its correct predictions, loss and sample count, and one all-reduce adds the sums, so every val
-sample is counted once whatever the world size and however unevenly the ranks' parts divide.
+Each rank scores its part of the split (padding rows masked) and one all-reduce sums the counts.
 """
 
 from __future__ import annotations
@@ -16,6 +13,9 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+# The scores `evaluate` returns besides "count", in the order the metrics log shows them.
+SCORE_NAMES = ("top1_error", "top5_error", "loss")
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:

@@ -1,11 +1,7 @@
-"""Mean Teacher cost terms, ramps and schedules, with the reference code's exact normalisation.
+"""Mean Teacher cost terms and ramps, with the reference code's exact normalisation.
 
-Every loss here returns a SUM over the rows it sees; `mean_teacher_loss` divides each term by the
-whole minibatch size (labeled + unlabeled rows), as the reference's `main.train` does. So the
-classification term is sum(CE over labeled rows) / batch_size, not the mean over labeled rows.
-All terms are computed in float32 whatever the logits' dtype (bf16/fp16 autocast outputs included).
-
-Ramps take the current position and the ramp length in the same unit (epochs, fractional or not).
+Each loss returns a SUM over its rows; `mean_teacher_loss` divides every term by the whole minibatch
+(labeled + unlabeled rows), in float32 whatever the logits' dtype (docs/design.md: training).
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from mt_scale.config import MeanTeacherConfig, OptimConfig
+    from mt_scale.config import MeanTeacherConfig
 
 NO_LABEL = -1  # label of unlabeled rows in every batch (pipelines put them after the L labeled rows)
 
@@ -153,20 +149,6 @@ def consistency_weight(mt: MeanTeacherConfig, epoch: float) -> float:
         return 0.0
     position = epoch if mt.consistency_rampup_per_step else math.floor(epoch)
     return mt.consistency_weight * sigmoid_rampup(position, mt.consistency_rampup_epochs)
-
-
-def learning_rate(optim: OptimConfig, epoch: float) -> float:
-    """The reference's LR at fractional `epoch` (= epoch + step_in_epoch / steps_per_epoch).
-
-    Linear ramp from `initial_lr` to `lr` over `lr_rampup_epochs`, then (when
-    `lr_rampdown_epochs` > 0) times one cosine half cycle of length `lr_rampdown_epochs`.
-    With `optim.schedule_per_step` False the LR changes only at epoch boundaries.
-    """
-    position = epoch if optim.schedule_per_step else math.floor(epoch)
-    lr = linear_rampup(position, optim.lr_rampup_epochs) * (optim.lr - optim.initial_lr) + optim.initial_lr
-    if optim.lr_rampdown_epochs:
-        lr *= cosine_rampdown(position, optim.lr_rampdown_epochs)
-    return lr
 
 
 def _check_same_shape(first: torch.Tensor, second: torch.Tensor) -> None:

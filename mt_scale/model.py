@@ -1,15 +1,7 @@
-"""Model factory: any timm architecture by name, plus the reference's optional second head.
+"""Model factory: any timm architecture by name, wrapped with the reference's optional second head.
 
-`create_model(cfg.model, num_classes)` returns a `MeanTeacherNet`: a timm backbone (never
-pretrained: nothing is downloaded) whose forward gives `(class_logits, consistency_logits)`.
-With `two_heads` the consistency logits come from a second linear layer on the same pooled
-features (the reference's fc2); otherwise the pair holds the same tensor twice.
-
-Registered with timm (so `timm.create_model(name)` builds them after `import mt_scale`):
-- `mt_resnext152_32x4d`: the reference's `resnext152` (layers 3-8-36-3, 32 groups of width 4,
-  1x1-conv downsampling, no zero-init of the last BN), as a stock timm ResNet.
-- `cifar_shakeshake26`: the reference's 26-layer shake-shake ResNet for 32x32 inputs (2x96 ch).
-- `mt_digits_cnn`: a small, fast CPU convnet for the 32x32 digits demo.
+Importing it registers the reference's models with timm (mt_resnext152_32x4d, cifar_shakeshake26)
+and the demo's mt_digits_cnn, so `timm.create_model` builds them and loads an exported teacher.
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
 """Optimizer (timm's factory, by name) and the reference's LR schedule as a per-step LambdaLR.
 
-The schedule is `losses.learning_rate` evaluated at the fractional epoch
-`step / steps_per_epoch`, where `step` counts optimizer steps. Call `scheduler.step()` after each
-`optimizer.step()`: the LR used by step i (0-based) is then learning_rate(i / steps_per_epoch),
-exactly the reference's `adjust_learning_rate(epoch, i, len(loader))` before its i-th step.
+`learning_rate(optim, epoch)` is the reference's LR at a fractional epoch; the scheduler evaluates
+it at step / steps_per_epoch, stepped after each optimizer step.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import timm.optim
@@ -16,7 +15,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from mt_scale.errors import MtScaleError
-from mt_scale.losses import learning_rate
+from mt_scale.losses import cosine_rampdown, linear_rampup
 
 if TYPE_CHECKING:
     from mt_scale.config import OptimConfig
@@ -64,3 +63,17 @@ def create_scheduler(cfg: OptimConfig, optimizer: Optimizer, steps_per_epoch: in
         return learning_rate(cfg, step / steps_per_epoch) / cfg.lr
 
     return LambdaLR(optimizer, factor)
+
+
+def learning_rate(optim: OptimConfig, epoch: float) -> float:
+    """The reference's LR at fractional `epoch` (= epoch + step_in_epoch / steps_per_epoch).
+
+    Linear ramp from `initial_lr` to `lr` over `lr_rampup_epochs`, then (when
+    `lr_rampdown_epochs` > 0) times one cosine half cycle of length `lr_rampdown_epochs`.
+    With `optim.schedule_per_step` False the LR changes only at epoch boundaries.
+    """
+    position = epoch if optim.schedule_per_step else math.floor(epoch)
+    lr = linear_rampup(position, optim.lr_rampup_epochs) * (optim.lr - optim.initial_lr) + optim.initial_lr
+    if optim.lr_rampdown_epochs:
+        lr *= cosine_rampdown(position, optim.lr_rampdown_epochs)
+    return lr

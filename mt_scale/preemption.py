@@ -1,14 +1,7 @@
-"""Pre-emption: SIGTERM (what SLURM and spot instances send before a kill) stops training cleanly.
+"""Pre-emption: SIGTERM stops training at the next step boundary that every rank agrees on.
 
-`StopRequest` turns SIGTERM into a flag. The loop asks `agreed()` after every optimizer step: one
-all-reduce of one number when there are several ranks, so every rank stops after the same step.
-The loop then writes a checkpoint and `mt-train` exits with EXIT_PREEMPTED; `--resume` continues
-exactly as if the run had never stopped.
-
-The signal usually reaches the loader's worker processes too (a scheduler or `accelerate launch`
-signals the whole process group) and kills them. PyTorch's SIGCHLD handler would then raise in the
-middle of a step, so after SIGTERM that handler is replaced by a no-op; the loop finds the dead
-workers at its next fetch and reopens the loader from its position (`reopen_batches`).
+The loop then writes a checkpoint and mt-train exits with EXIT_PREEMPTED; loader workers the signal
+killed are reopened at their position, so `--resume` continues exactly (docs/design.md: checkpoints).
 """
 
 from __future__ import annotations
@@ -20,10 +13,11 @@ from typing import Any
 
 import torch
 
+from shard_tools.errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED  # Ctrl-C
+
 EXIT_PREEMPTED = (
     143  # 128 + SIGTERM: what a shell reports for a process SIGTERM ended; a checkpoint was written
 )
-EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
 
 
 def _ignore_child(signum: int, frame: Any) -> None:

@@ -1,9 +1,6 @@
-"""A run's written record: metrics.csv (one row per log step or evaluation), report.json, curves.png.
+"""A run's written record: metrics.csv, report.json, curves.png, trackers; metric names in one place.
 
-Only the main process writes; every file is written under a temporary name and renamed when
-complete, so a crash or a full disk never leaves half a file. metrics.csv is rewritten that way
-with each new row (a few thousand short rows even for ImageNet: cheap) and is trimmed back to the
-resumed step when a run continues from a checkpoint, so no row is ever duplicated.
+Only the main process writes, each file under a temporary name then renamed (docs/design.md).
 """
 
 from __future__ import annotations
@@ -13,53 +10,66 @@ import io
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mt_scale.errors import MtScaleError, os_error_message
+from mt_scale.evaluate import SCORE_NAMES
+from mt_scale.losses import LOSS_NAMES
+from shard_tools.files import atomic_output, atomic_write
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from matplotlib.figure import Figure
+
+    from mt_scale.checkpoint import TrainState
+    from mt_scale.config import Config
 
 METRICS_NAME = "metrics.csv"
 REPORT_NAME = "report.json"
 CURVES_NAME = "curves.png"
-
-# Training rows fill the loss/LR/throughput columns, evaluation rows the error columns.
-METRIC_FIELDS = (
-    "step",
-    "epoch",
-    "kind",
-    "loss",
-    "class_loss",
-    "consistency_loss",
-    "logit_distance_loss",
-    "teacher_class_loss",
-    "consistency_weight",
-    "lr",
-    "images_per_sec",
-    "student_top1_error",
-    "student_top5_error",
-    "student_loss",
-    "teacher_top1_error",
-    "teacher_top5_error",
-    "teacher_loss",
-)
+TENSORBOARD_DIR = "tensorboard"
+TRACKER_PROJECT = "mt-scale"  # the project (wandb), experiment (mlflow) or run name of other trackers
+MODELS = ("student", "teacher")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary name in the same folder, then rename.
+def loss_column(name: str) -> str:
+    """The metrics column of a loss term of `mean_teacher_loss`: "total" -> "loss", "class" -> "class_loss"."""
+    return "loss" if name == "total" else f"{name}_loss"
 
-    An OS error (no permission, no space) removes the temporary file and raises MtScaleError naming `path`.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise MtScaleError(
-            f"{path}: cannot be written ({os_error_message(exc)}); choose a writable run.output_dir with free space"
-        ) from None
+
+# Training rows fill the loss/LR/throughput columns, evaluation rows the score columns; all derived
+# from the loss terms (losses.LOSS_NAMES) and the scores (evaluate.SCORE_NAMES) of each model.
+TRAIN_COLUMNS = (*map(loss_column, LOSS_NAMES), "consistency_weight", "lr", "images_per_sec")
+EVAL_COLUMNS = tuple(f"{model}_{score}" for model in MODELS for score in SCORE_NAMES)
+ERROR_COLUMNS = tuple(column for column in EVAL_COLUMNS if column.endswith("_error"))
+METRIC_FIELDS = ("step", "epoch", "kind", *TRAIN_COLUMNS, *EVAL_COLUMNS)
+
+
+class LossWindow:
+    """The loss terms of the steps since the last logged row: their means per batch and the img/s."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.batches = 0
+        self.started = time.perf_counter()
+
+    def add(self, losses: Mapping[str, Any]) -> None:
+        for name, value in losses.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.batches += 1
+
+    def means(self) -> dict[str, float]:
+        """{metrics column: mean per batch} of every loss term."""
+        return {loss_column(name): total / self.batches for name, total in self.sums.items()}
+
+    def images_per_sec(self, images_per_batch: int) -> float:
+        return self.batches * images_per_batch / max(time.perf_counter() - self.started, 1e-9)
 
 
 def prepare_run_dir(run_dir: Path, *, remove: tuple[str, ...] = ()) -> Path | None:
@@ -84,6 +94,26 @@ def prepare_run_dir(run_dir: Path, *, remove: tuple[str, ...] = ()) -> Path | No
             f"{run_dir}: cannot create the run folder ({os_error_message(exc)}); "
             "choose a writable run.output_dir (--set run.output_dir=DIR)"
         ) from None
+    return created
+
+
+def open_run_dir(accelerator: Accelerator, run_dir: Path, *, resuming: bool) -> Path | None:
+    """Create `run_dir` (main process); returns the topmost folder this created, None if it existed.
+
+    A new run refuses a folder with checkpoints and removes what a run killed before its first one left.
+    """
+    from mt_scale.checkpoint import EXPORT_NAME, checkpoint_dirs
+
+    created = None
+    if accelerator.is_main_process:
+        if not resuming and checkpoint_dirs(run_dir):
+            raise MtScaleError(
+                f"{run_dir}: already holds a run with checkpoints; continue it with --resume or "
+                "choose another folder with --set run.output_dir=DIR"
+            )
+        leftovers = (METRICS_NAME, REPORT_NAME, CURVES_NAME, EXPORT_NAME, TENSORBOARD_DIR)
+        created = prepare_run_dir(run_dir, remove=() if resuming else leftovers)
+    accelerator.wait_for_everyone()
     return created
 
 
@@ -126,7 +156,7 @@ class MetricsWriter:
         writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self._rows)
-        atomic_write_text(self.path, buffer.getvalue())
+        atomic_write(self.path, buffer.getvalue())
 
     def close(self) -> None:
         """Nothing to release: every row is on disk once `write` returns."""
@@ -169,67 +199,75 @@ def read_metrics(path: str | Path) -> list[dict[str, float | str | None]]:
 
 def write_report(run_dir: str | Path, report: Mapping[str, object]) -> Path:
     path = Path(run_dir) / REPORT_NAME
-    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write(path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
     return path
 
 
 def best_errors(rows: list[dict]) -> dict[str, float | None]:
     """Lowest student/teacher top-1 and top-5 error over all evaluation rows."""
     best: dict[str, float | None] = {}
-    for name in ("student_top1_error", "student_top5_error", "teacher_top1_error", "teacher_top5_error"):
+    for name in ERROR_COLUMNS:
         values = [row[name] for row in rows if row.get("kind") == "eval" and row.get(name) is not None]
         best[name] = min(values) if values else None
     return best
 
 
 def plot_curves(run_dir: str | Path, title: str = "") -> Path:
-    """curves.png: training losses (left) and student/teacher top-1 error (right) against step."""
+    """curves.png from the run's metrics.csv (see `curves_figure`)."""
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    fig = curves_figure(read_metrics(run_dir / METRICS_NAME), title=title)
+    path = run_dir / CURVES_NAME
+    try:
+        with atomic_output(path) as temp:
+            fig.savefig(temp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+# Loss terms drawn in curves.png and their legend labels.
+PLOTTED_LOSSES = {"total": "total", "class": "class (student)", "teacher_class": "class (teacher)",
+                  "consistency": "consistency"}  # fmt: skip
+
+
+def curves_figure(rows: list[dict], title: str = "") -> Figure:
+    """Training losses (left) and student/teacher top-1 and top-5 error (right) against step.
+
+    The error axis runs from 0 to a little above the highest error drawn (errors of 0.03 fill it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / METRICS_NAME)
     train_rows = [row for row in rows if row.get("kind") == "train"]
     eval_rows = [row for row in rows if row.get("kind") == "eval"]
     fig, (loss_ax, error_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (
-        ("loss", "total"),
-        ("class_loss", "class (student)"),
-        ("teacher_class_loss", "class (teacher)"),
-        ("consistency_loss", "consistency"),
-    ):
+    for name, label in PLOTTED_LOSSES.items():
+        key = loss_column(name)
         points = [(row["step"], row[key]) for row in train_rows if _finite(row.get(key))]
         if points and any(value for _, value in points):
             loss_ax.plot(*zip(*points, strict=True), label=label)
-    loss_ax.set_xlabel("step")
-    loss_ax.set_ylabel("loss")
-    loss_ax.set_title("training losses")
+    loss_ax.set(xlabel="step", ylabel="loss", title="training losses")
     loss_ax.legend()
-    for key, label, style in (
-        ("student_top1_error", "student top-1", "-"),
-        ("teacher_top1_error", "teacher top-1", "-"),
-        ("student_top5_error", "student top-5", ":"),
-        ("teacher_top5_error", "teacher top-5", ":"),
-    ):
-        points = [(row["step"], row[key]) for row in eval_rows if _finite(row.get(key))]
-        if points:
-            error_ax.plot(*zip(*points, strict=True), style, marker="o", markersize=3, label=label)
-    error_ax.set_xlabel("step")
-    error_ax.set_ylabel("val error")
-    error_ax.set_ylim(0, 1)
-    error_ax.set_title("validation error")
+    highest = 0.0
+    for top, style in (("top1", "-"), ("top5", ":")):
+        for model in MODELS:
+            key = f"{model}_{top}_error"
+            points = [(row["step"], row[key]) for row in eval_rows if _finite(row.get(key))]
+            if points:
+                error_ax.plot(*zip(*points, strict=True), style, marker="o", markersize=3,
+                              label=f"{model} top-{top[-1]}")  # fmt: skip
+                highest = max(highest, *(value for _, value in points))
+    error_ax.set(xlabel="step", ylabel="val error", title="validation error")
+    error_ax.set_ylim(0, min(1.0, highest * 1.15) if highest > 0 else 1.0)
     error_ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = run_dir / CURVES_NAME
-    tmp = run_dir / f".{CURVES_NAME}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return fig
 
 
 def _finite(value: object) -> bool:
@@ -258,9 +296,9 @@ def eval_line(step: int, result: dict[str, float]) -> str:
 
 
 def build_report(
-    cfg: Any,
+    cfg: Config,
     run_dir: Path,
-    state: Any,
+    state: TrainState,
     final: Mapping[str, float],
     *,
     total_steps: int,
@@ -288,7 +326,7 @@ def build_report(
         "train_seconds": round(state.train_seconds, 3),
         "images_seen": state.images_seen,
         "images_per_sec": state.images_seen / state.train_seconds if state.train_seconds else None,
-        "final": {key: final.get(key) for key in ERROR_KEYS},
+        "final": {key: final.get(key) for key in EVAL_COLUMNS},
         "best": best_errors(rows),
         "val_count": final.get("val_count"),
         "class_names": state.class_names,
@@ -305,16 +343,6 @@ def build_report(
     }
 
 
-ERROR_KEYS = (
-    "student_top1_error",
-    "student_top5_error",
-    "teacher_top1_error",
-    "teacher_top5_error",
-    "student_loss",
-    "teacher_loss",
-)
-
-
 def summary_line(report: dict[str, Any]) -> str:
     final = report["final"]
     return (
@@ -322,3 +350,31 @@ def summary_line(report: dict[str, Any]) -> str:
         f"({report['images_per_sec'] or 0:.0f} img/s); teacher top-1 error {final['teacher_top1_error']:.4f}, "
         f"student {final['student_top1_error']:.4f}; teacher exported to {report['export']['file']}"
     )
+
+
+def trackers(log_with: str, run_dir: Path) -> list[Any]:
+    """Accelerate's `log_with` for `run.log_with` ("tensorboard", "wandb,mlflow", ..., or "none").
+
+    Each name must be a tracker Accelerate knows and whose package is installed; TensorBoard writes
+    to run_dir/tensorboard, the others get the project name TRACKER_PROJECT.
+    """
+    from accelerate import tracking
+    from accelerate.utils import LoggerType
+
+    names = [name.strip() for name in log_with.split(",") if name.strip()]
+    if names == ["none"]:
+        return []
+    known = [kind.value for kind in LoggerType if kind.value != "all"]
+    installed = {str(kind) for kind in tracking.get_available_trackers()}
+    for name in names or [""]:
+        if name not in known:
+            raise MtScaleError(
+                f"run.log_with={log_with!r}: {name!r} is not a tracker; use {', '.join(known)} (comma-separated) or none"
+            )
+        if name not in installed:
+            raise MtScaleError(
+                f"run.log_with={log_with!r}: the {name} package is not installed; pip install {name}, or set "
+                "run.log_with=tensorboard"
+            )
+    return [tracking.TensorBoardTracker(TENSORBOARD_DIR, str(run_dir)) if name == "tensorboard" else name
+            for name in dict.fromkeys(names)]  # fmt: skip

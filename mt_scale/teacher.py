@@ -1,31 +1,8 @@
 """The EMA teacher: a gradient-free copy of the student whose weights average the student's.
 
-After every optimizer step (after `step += 1`, as the reference's main.train does) call
-`update_teacher(teacher, student, ema_decay, step)`:
-
-    alpha = min(1 - 1 / (step + 1), ema_decay)
-    teacher_param = alpha * teacher_param + (1 - alpha) * student_param
-
-for every parameter, as one fused `torch._foreach_lerp_` over all tensors (no Python loop over
-tensors). At step 1 alpha is 0.5, at step k it is 1 - 1/(k+1), so until the decay caps it the
-teacher is the plain mean of the student's weights after steps 0..k ("the true average until
-the exponential average is more correct"). Teacher parameters stay float32: bf16/fp16 autocast
-changes activations, never the parameters, and a low-precision student is cast up per update.
-
-BatchNorm rule (the reference's): buffers are NOT averaged or copied from the student. The
-teacher runs in train mode during training, so each teacher forward pass on its own input view
-normalises with that batch's statistics and updates the teacher's running_mean/running_var
-(and num_batches_tracked) itself. Evaluation (teacher.eval()) then uses those running averages,
-which describe the activations of the teacher's own weights. Under DDP each rank's teacher sees
-its own data, so `update_teacher` averages the teacher's floating-point buffers over the ranks
-(one all-reduce of one flat buffer: 0.6 MB for ResNet-152) whenever torch.distributed is
-initialised with world size > 1: the result is the same teacher on every rank.
-
-timm's ModelEmaV3 uses the same foreach lerp but its own decay warm-up, and it averages or copies
-the buffers and keeps its copy in eval mode, so it is not the reference's rule and is not reused.
-
-Students wrapped by DistributedDataParallel/DataParallel (`.module`) or torch.compile
-(`._orig_mod`) are unwrapped; the teacher itself is never wrapped in DDP.
+After each optimizer step `update_teacher(teacher, student, ema_decay, step)` moves every parameter
+with one fused foreach lerp, alpha = min(1 - 1/(step + 1), ema_decay). BatchNorm statistics are the
+teacher's own (its train-mode forward passes), averaged over ranks (docs/design.md: training).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from shard_tools.errors import UserError
 
-class PipelineError(Exception):
+
+class PipelineError(UserError):
     """A shard set, config or image the loaders cannot use; the message names the file and the fix."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shard_tools.files import describe_os_error
-from shard_tools.format import ShardFormatError
+from shard_tools.errors import run_cli
 
 
 def _add_label_options(parser: argparse.ArgumentParser) -> None:
@@ -116,20 +115,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except ShardFormatError as exc:
-        print(f"mt-shard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # anything the commands did not turn into a message themselves
-        print(f"mt-shard {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        what = {"pack": "run the same command again to resume",
-                "resplit": f"nothing was written to {getattr(args, 'new_out', '')}; run the same command again to "
-                           "start over"}.get(args.command, "nothing was changed")
-        print(f"mt-shard {args.command}: interrupted; {what}", file=sys.stderr)
-        return 130
+    what = {"pack": "run the same command again to resume",
+            "resplit": f"nothing was written to {getattr(args, 'new_out', '')}; run the same command again to "
+                       "start over"}.get(args.command, "nothing was changed")
+    return run_cli(f"mt-shard {args.command}", lambda: _run(args), interrupted=f"interrupted; {what}")
 
 
 if __name__ == "__main__":

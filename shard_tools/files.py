@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PARTIAL_SUFFIX = ".partial"
@@ -19,10 +19,27 @@ def partial_path(path: str | Path) -> Path:
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write `data` (str as UTF-8) to `path` through its temporary name (see `atomic_output`)."""
+    with atomic_output(path) as temp:
+        temp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """`with atomic_output(path) as temp:` write `temp` (streamed, by any library); renamed to `path` on success.
+
+    On any failure the temporary file is removed, and an OS error about it names `path` instead.
+    """
+    path = Path(path)
     temp = partial_path(path)
-    with open(temp, "wb") as handle:
-        handle.write(data.encode() if isinstance(data, str) else data)
-    os.replace(temp, path)
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException as exc:
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) == str(temp):
+            exc.filename = str(path)
+        raise
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -22,6 +22,8 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shard_tools.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LABELS_NAME = "labels.txt"
@@ -43,7 +45,7 @@ SAMPLE_EXTS = (IMAGE_EXT, CLASS_EXT, LABEL_EXT)
 NO_LABEL = -1
 
 
-class ShardFormatError(Exception):
+class ShardFormatError(UserError):
     """A shard set that cannot be read as one; the message names the file and the fix."""
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from shard_tools.files import atomic_write
+
 GRAIN_STD = 6.0
 
 
@@ -96,7 +98,5 @@ def write_photo_tree(
             folder.mkdir(parents=True, exist_ok=True)
             data = _render(photos, styles[label], size, rng)
             target = folder / f"{split}_{index:06d}.JPEG"
-            temp = target.with_name("." + target.name + ".partial")
-            temp.write_bytes(data)
-            temp.replace(target)
+            atomic_write(target, data)
     return dest

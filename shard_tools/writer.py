@@ -11,7 +11,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from shard_tools.files import partial_path, sha256_file
+from shard_tools.files import atomic_write, partial_path, sha256_file
 from shard_tools.format import (
     CLASS_EXT,
     IMAGE_EXT,
@@ -60,9 +60,7 @@ def write_shard(out_dir: str | Path, name: str, samples: Iterable[dict]) -> Shar
         temp_tar.unlink()
         return ShardResult(name, 0, "", 0)
     idx_path = out_dir / index_name(name)
-    temp_idx = partial_path(idx_path)
-    temp_idx.write_text(build_index(temp_tar))
-    os.replace(temp_idx, idx_path)
+    atomic_write(idx_path, build_index(temp_tar))
     digest = sha256_file(temp_tar)
     size = temp_tar.stat().st_size
     os.replace(temp_tar, tar_path)

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mt_scale import bench
-from mt_scale.bench_common import figure
+from mt_scale.bench.common import figure
+from mt_scale.bench.pipeline import derived_figures
+from mt_scale.bench.runner import TARGETS, check_targets, format_table
+from mt_scale.cli import bench_main
 from pipelines import resolve_backend
 
 PIPELINE_FIGURES = {"pipeline/dali", "pipeline/torch", "pipeline/reference", "pipeline/decode_ceiling"}
@@ -29,7 +31,7 @@ RESNET18_PARAMETERS = 11_689_512  # torchvision/timm resnet18 with a 1000-class 
 
 def run_bench(tmp_path: Path, capsys: pytest.CaptureFixture, *argv: str) -> dict:
     out = tmp_path / "bench.json"
-    assert bench.main([*argv, "--json", str(out), "--work-dir", str(tmp_path / "work")]) == 0
+    assert bench_main([*argv, "--json", str(out), "--work-dir", str(tmp_path / "work")]) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     check_schema(report)
@@ -61,10 +63,10 @@ def test_figure_statistics_and_table() -> None:
     result = figure("x/y", "img/s", [3.0, 1.0, 2.0, 10.0], images=5)
     assert (result["median"], result["min"], result["max"], result["repeats"]) == (2.5, 1.0, 10.0, 4)
     assert result["detail"] == {"images": 5}
-    table = bench.format_table([result]).splitlines()
+    table = format_table([result]).splitlines()
     assert table[0].split() == ["figure", "unit", "median", "min", "max", "n"]
     assert table[2].split() == ["x/y", "img/s", "2.5", "1", "10", "4"]
-    markdown = bench.format_table([result], markdown=True).splitlines()
+    markdown = format_table([result], markdown=True).splitlines()
     assert markdown[2] == "| `x/y` | img/s | 2.5 | 1 | 10 | 4 |"
     with pytest.raises(ValueError):
         figure("x/y", "img/s", [])
@@ -77,15 +79,15 @@ def test_targets_and_derived_pipeline_ratios() -> None:
         figure("pipeline/reference", "img/s", [100.0, 200.0]),
         figure("pipeline/decode_ceiling", "img/s", [1200.0, 1100.0]),
     ]
-    derived = by_name({"results": bench._derived_pipeline(results)})
+    derived = by_name({"results": derived_figures(results)})
     # The best backend (torch) divided repeat by repeat, since the contenders ran interleaved.
     assert derived["pipeline/best_vs_reference"]["values"] == [6.0, 3.3]
     assert derived["pipeline/best_vs_ceiling"]["values"] == [0.5, 0.6]
     assert derived["pipeline/best_vs_reference"]["detail"] == {"best": "pipeline/torch"}
-    checks = {c["figure"]: c["holds"] for c in bench.check_targets(results + list(derived.values()))}
+    checks = {c["figure"]: c["holds"] for c in check_targets(results + list(derived.values()))}
     assert checks == {"pipeline/best_vs_reference": True, "pipeline/best_vs_ceiling": True}
     slow = [figure("train/step_ratio", "x", [1.6]), figure("ema/speedup", "x", [1.1])]
-    assert [c["holds"] for c in bench.check_targets(slow)] == [False, False]
+    assert [c["holds"] for c in check_targets(slow)] == [False, False]
 
 
 def test_pack_counts_every_generated_image(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -135,7 +137,7 @@ def test_train_ratio_follows_from_the_two_rates(tmp_path: Path, capsys: pytest.C
         "--steps", "1", "--repeats", "2", "--device", "cpu",
     )  # fmt: skip
     results = by_name(report)
-    assert set(results) == {"train/supervised", "train/mean_teacher", "train/step_ratio"}
+    assert set(results) == {"train/supervised", "train/mean_teacher", "train/supervised_baseline", "train/step_ratio"}
     sup, mt = results["train/supervised"]["values"], results["train/mean_teacher"]["values"]
     # Same batch and step count: time ratio = inverse ratio of the image rates, repeat by repeat.
     assert results["train/step_ratio"]["values"] == pytest.approx(
@@ -157,35 +159,32 @@ def test_ema_speedup_follows_from_the_two_times(tmp_path: Path, capsys: pytest.C
     assert results["ema/speedup"]["detail"]["parameters"] == RESNET18_PARAMETERS
 
 
-def test_all_runs_every_stage(
-    photo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_all_runs_every_stage(photo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tiny = {
-        "pipeline_batch_size": 8,
-        "labeled_per_batch": 2,
-        "backends": "torch",
-        "train_model": "mt_digits_cnn",
-        "image_size": 32,
-        "train_batch_size": 8,
-        "steps": 1,
-        "ema_model": "resnet18",
-        "updates": 1,
+        "pipeline-batch-size": 8,
+        "pipeline-labeled-per-batch": 2,
+        "pipeline-backends": "torch",
+        "train-model": "mt_digits_cnn",
+        "train-image-size": 32,
+        "train-batch-size": 8,
+        "train-steps": 1,
+        "ema-model": "resnet18",
+        "ema-updates": 1,
     }
-    monkeypatch.setattr(bench, "STAGE_DEFAULTS", {**bench.STAGE_DEFAULTS, **tiny})
     report = run_bench(
         tmp_path, capsys, "all", "--images", str(photo_tree), "--workers", "1", "--repeats", "1",
-        "--device", "cpu",
+        "--device", "cpu", *(item for flag, value in tiny.items() for item in (f"--{flag}", str(value))),
     )  # fmt: skip
     names = set(by_name(report))
     assert PACK_FIGURES <= names
     assert {"pipeline/torch", "pipeline/reference", "pipeline/decode_ceiling"} <= names
     assert {"train/step_ratio", "ema/speedup", "pipeline/best_vs_reference"} <= names
-    assert {check["figure"] for check in report["targets"]} == {name for name, *_ in bench.TARGETS}
+    assert {check["figure"] for check in report["targets"]} == {name for name, *_ in TARGETS}
     assert report["settings"]["command"] == "all"
 
 
 def test_bad_images_folder_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert bench.main(["pipeline", "--images", str(tmp_path / "missing"), "--repeats", "1"]) == 2
+    assert bench_main(["pipeline", "--images", str(tmp_path / "missing"), "--repeats", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mt-bench: ") and "--images" in err[0]
 
@@ -204,6 +203,6 @@ def test_unwritable_json_is_one_line_and_status_2(tmp_path: Path, capsys: pytest
         "--json",
         str(blocker / "x.json"),
     ]
-    assert bench.main(argv) == 2
+    assert bench_main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mt-bench")]
-    assert len(errors) == 1 and errors[0].startswith("mt-bench: cannot write") and "--json" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith("mt-bench: error: cannot write") and "--json" in errors[0]

@@ -31,12 +31,13 @@ from mt_scale.checkpoint import (
     data_state_name,
     rng_state_name,
 )
+from mt_scale.cli import train_main as main
 from mt_scale.config import load_config
 from mt_scale.errors import MtScaleError
 from mt_scale.model import create_model
 from mt_scale.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest, next_batch
 from mt_scale.report import read_metrics
-from mt_scale.train import main, train
+from mt_scale.train import train
 
 SETTINGS = [
     "data.workers=0",
@@ -308,14 +309,14 @@ def test_permission_denied_on_config_is_one_line(
     digits_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # root ignores file modes, so the refusal is simulated where the first file of the run is written
-    write_text = Path.write_text
+    write_bytes = Path.write_bytes
 
     def refuse(self: Path, *args, **kwargs):
-        if self.name == ".config.yaml.tmp":
+        if self.name == ".config.yaml.partial":  # shard_tools.files.atomic_write's temporary name
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return write_text(self, *args, **kwargs)
+        return write_bytes(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", refuse)
+    monkeypatch.setattr(Path, "write_bytes", refuse)
     run = tmp_path / "run"
     status = main(argv(digits_shards, run))
     err = capsys.readouterr().err

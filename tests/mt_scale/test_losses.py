@@ -10,7 +10,6 @@ from mt_scale.losses import (
     class_loss,
     consistency_weight,
     cosine_rampdown,
-    learning_rate,
     linear_rampup,
     mean_teacher_loss,
     sigmoid_rampup,
@@ -18,6 +17,7 @@ from mt_scale.losses import (
     softmax_mse_loss,
     symmetric_mse_loss,
 )
+from mt_scale.optim import learning_rate
 
 LN3 = math.log(3.0)
 

@@ -8,8 +8,7 @@ from torch import nn
 
 from mt_scale.config import OptimConfig, load_config
 from mt_scale.errors import MtScaleError
-from mt_scale.losses import learning_rate
-from mt_scale.optim import create_optimizer, create_scheduler
+from mt_scale.optim import create_optimizer, create_scheduler, learning_rate
 
 
 def _tiny_model() -> nn.Module:

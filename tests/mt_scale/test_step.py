@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from mt_scale.bench_model import Device, bench_accelerator, prepare_steps
+from mt_scale.bench.common import Device
+from mt_scale.bench.train import bench_accelerator, prepare_steps
 from mt_scale.checkpoint import checkpoint_dirs
 from mt_scale.config import load_config
 from mt_scale.losses import LOSS_NAMES, symmetric_mse_loss

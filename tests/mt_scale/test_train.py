@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 
 import mt_scale.model  # noqa: F401  (registers our timm models)
 from mt_scale.checkpoint import checkpoint_dirs
+from mt_scale.cli import train_main as main
 from mt_scale.config import load_config
 from mt_scale.errors import MtScaleError
 from mt_scale.report import METRIC_FIELDS, read_metrics
-from mt_scale.train import _memory_error, main, train
+from mt_scale.step import memory_error
+from mt_scale.train import train
 
 # 25 steps per epoch: 1,208 unlabeled digits / 48 unlabeled rows per batch (one loader worker)
 STEPS_PER_EPOCH = 25
@@ -181,12 +183,12 @@ def test_existing_run_and_changed_classes_are_refused(finished_run, digits_shard
 
 def test_out_of_memory_becomes_a_batch_size_error() -> None:
     cfg = load_config("digits-demo")
-    error = _memory_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), cfg)
+    error = memory_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), cfg.data.batch_size)
     assert isinstance(error, MtScaleError) and "data.batch_size=64" in str(error)
-    cpu = _memory_error(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 1 GB"), cfg)
+    cpu = memory_error(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 1 GB"), cfg.data.batch_size)
     assert isinstance(cpu, MtScaleError)
     other = RuntimeError("shape mismatch")
-    assert _memory_error(other, cfg) is other
+    assert memory_error(other, cfg.data.batch_size) is other
 
 
 def test_mt_train_console_script_exits_2(tmp_path: Path) -> None:

@@ -1,0 +1,138 @@
+"""mt-bench's stages (a registry), the run of one or all of them, the targets and the results table.
+
+Every figure is measured `--repeats` times, interleaved with its baseline, and reported as median,
+min and max. The JSON file holds the machine, library versions, settings, `results` ({name, unit,
+median, min, max, repeats, values, detail}) and `targets`; a table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mt_scale.bench import ema, pack, pipeline, train
+from mt_scale.bench.common import describe_machine, library_versions
+from shard_tools.files import atomic_write
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `mt-bench` subcommand: its options dataclass (its fields are the flags), what it runs, its plot."""
+
+    options: type
+    run: Callable[[Any, Path], list[dict]]  # (options, work dir) -> figures
+    help: str
+    plot: Callable[[list[dict], Path, str], None] | None = None  # --plot: a PNG of the stage's figures
+
+
+# `mt-bench all` runs them in this order; a new stage is one line here.
+STAGES: dict[str, Stage] = {
+    "pack": Stage(pack.PackOptions, pack.run, "packing vs a plain TarWriter loop"),
+    "pipeline": Stage(pipeline.PipelineOptions, pipeline.run, "two-view loaders vs the reference",
+                      plot=pipeline.plot_pipeline),  # fmt: skip
+    "train": Stage(train.TrainOptions, train.run, "Mean Teacher step vs the plain supervised step"),
+    "ema": Stage(ema.EmaOptions, ema.run, "fused EMA update vs the per-parameter loop"),
+}
+
+# The targets this project holds itself to on its 2-core CPU machine (see docs/performance.md).
+TARGETS = (
+    ("pipeline/best_vs_reference", ">=", 3.0, "best backend at least 3x the reference-style loader"),
+    ("pipeline/best_vs_ceiling", ">=", 0.35, "best backend at least 35% of the decode-only ceiling"),
+    ("train/step_ratio", "<=", 1.45, "Mean Teacher step at most 1.45x a supervised step"),
+    ("ema/speedup", ">=", 1.25, "fused EMA update at least 1.25x faster than the per-parameter loop"),
+)
+
+
+def run_stages(options: dict[str, Any], command: str, work_dir: Path | None, settings: dict[str, Any]) -> dict:
+    """Run each stage with its options ({stage: options}); the report mt-bench writes as JSON."""
+    started = time.perf_counter()
+    report = {
+        "tool": "mt-bench",
+        "command": command,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": describe_machine(),
+        "libraries": library_versions(),
+        "settings": {**settings, "options": {name: dataclasses.asdict(opts) for name, opts in options.items()}},
+        "results": [],
+    }
+    folder = work_dir or Path(tempfile.mkdtemp(prefix="mt-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, stage_options in options.items():
+            report["results"].extend(STAGES[name].run(stage_options, folder))
+    finally:
+        if work_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    report["targets"] = check_targets(report["results"])
+    with contextlib.suppress(OSError):  # other work on a shared machine skews figures: record it
+        report["machine"]["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def write_outputs(report: dict, json_path: Path | None, plot_path: Path | None) -> None:
+    """The JSON report and each stage's plot, each written under a temporary name."""
+    if plot_path is not None:
+        machine = report["machine"]
+        where = ", ".join(machine["gpus"]) or f"{machine['usable_cores']}-core CPU, no GPU"
+        for name, stage in STAGES.items():
+            figures = [r for r in report["results"] if r["name"].startswith(f"{name}/")]
+            if stage.plot is not None and figures:
+                stage.plot(figures, plot_path, f"Two-view ImageNet-style loading ({where})")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(json_path, json.dumps(report, indent=2, default=str) + "\n")
+
+
+def check_targets(results: list[dict]) -> list[dict]:
+    """Each target whose figure was measured, with its median and whether it holds."""
+    by_name = {result["name"]: result for result in results}
+    checks = []
+    for name, op, threshold, text in TARGETS:
+        if name in by_name:
+            value = by_name[name]["median"]
+            holds = value >= threshold if op == ">=" else value <= threshold
+            checks.append(
+                {
+                    "figure": name,
+                    "target": text,
+                    "threshold": f"{op} {threshold}",
+                    "median": value,
+                    "holds": holds,
+                }
+            )
+    return checks
+
+
+def format_table(results: list[dict], markdown: bool = False) -> str:
+    """The figures as an aligned text table, or as a Markdown table (for docs/performance.md)."""
+    rows = [("figure", "unit", "median", "min", "max", "n")]
+    for r in results:
+        numbers = (f"{r[k]:,.3g}" if r[k] < 10 else f"{r[k]:,.0f}" for k in ("median", "min", "max"))
+        rows.append((f"`{r['name']}`" if markdown else r["name"], r["unit"], *numbers, str(r["repeats"])))
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        lines.insert(1, "|---|---|---:|---:|---:|---:|")
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
