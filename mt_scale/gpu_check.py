@@ -1624,44 +1624,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`mt-bench gpu ...` and `python -m mt_scale.gpu_check ...`: 0 all checks passed, 1 a check failed,
-    2 a usage error (one line), 130 Ctrl-C. Goals missed are reported, not failed."""
+    2 a user error (one line), 130 Ctrl-C. Goals missed are reported, not failed."""
+    from shard_tools.errors import run_cli
+
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["gpu"]:
-        args_list = args_list[1:]
-    args = build_parser().parse_args(args_list)
-    try:
-        if args.wheels is not None:
-            prepare_wheels(args.wheels, target=args.target)
-        if args.install_only:
-            return 0
-        plan = DRY_PLAN if args.dry_run else GPU_PLAN
-        if args.budget is not None:
-            plan = replace(plan, budget_s=args.budget)
-        if plan.dry_run:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the same CPU rehearsal on any machine
-        else:
-            os.environ.setdefault(
-                "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
-            )  # lets the resume check be deterministic
-        for path in (args.json, args.markdown):
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-        report = run_check(
-            plan,
-            json_path=args.json,
-            markdown_path=args.markdown,
-            work_dir=args.work_dir,
-            parts=tuple(p for p in args.parts.split(",") if p),
-        )
-    except MtScaleError as exc:
-        print(f"mt-bench gpu: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"mt-bench gpu: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mt-bench gpu: interrupted (Ctrl-C); the JSON holds the parts that finished", file=sys.stderr)
-        return 130
+    args = build_parser().parse_args(args_list[1:] if args_list[:1] == ["gpu"] else args_list)
+    interrupted = "interrupted (Ctrl-C); the JSON holds the parts that finished"
+    return run_cli("mt-bench gpu", lambda: _main(args), interrupted=interrupted)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.wheels is not None:
+        prepare_wheels(args.wheels, target=args.target)
+    if args.install_only:
+        return 0
+    plan = DRY_PLAN if args.dry_run else GPU_PLAN
+    if args.budget is not None:
+        plan = replace(plan, budget_s=args.budget)
+    if plan.dry_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the same CPU rehearsal on any machine
+    else:
+        os.environ.setdefault(
+            "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
+        )  # before CUDA starts: deterministic resume
+    for path in (args.json, args.markdown):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    parts = tuple(p for p in args.parts.split(",") if p)
+    report = run_check(
+        plan, json_path=args.json, markdown_path=args.markdown, work_dir=args.work_dir, parts=parts
+    )
     data = report.as_dict()
     print(markdown(data), end="")
     return 0 if data["all_checks_passed"] else 1
