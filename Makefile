@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -26,3 +26,16 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# The GPU check (issue 14; docs/performance.md, "GPU check"), on a machine with a GPU and no network,
+# with the machine's own Python (no venv): joins the wheels split into parts under $(WHEELS), installs
+# from there what that Python lacks (never from the network), then runs the kit and writes
+# $(GPU_OUT)/gpu.json and gpu.md. `make gpu-check GPU_ARGS=--dry-run` rehearses it on a CPU.
+GPU_PYTHON ?= python3
+WHEELS ?= .whl
+GPU_OUT ?= bench-out/gpu
+GPU_ARGS ?=
+
+gpu-check:
+	$(GPU_PYTHON) -m mt_scale.gpu_check gpu --wheels $(WHEELS) --install-only
+	$(GPU_PYTHON) -m mt_scale.gpu_check gpu --json $(GPU_OUT)/gpu.json --markdown $(GPU_OUT)/gpu.md $(GPU_ARGS)

@@ -129,6 +129,10 @@ def build_bench_parser() -> argparse.ArgumentParser:
 def bench_main(argv: list[str] | None = None) -> int:
     """mt-bench; returns the exit status (2: a user error or an unwritable output, one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["gpu"]:  # the GPU check kit: its own options (mt_scale.gpu_check)
+        from mt_scale.gpu_check import main as gpu_main
+
+        return gpu_main(argv)
     args = build_bench_parser().parse_args(argv)
     return run_cli("mt-bench", lambda: _bench(args, argv), os_hint="check --images and --work-dir")
 
