@@ -172,6 +172,9 @@ def view_graph(image, shape, spec: AugmentSpec, gpu: bool):
     return fn.transpose(view, perm=[2, 0, 1])
 
 
+pipelines_built = False  # set once this process has built a DALI pipeline
+
+
 def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size: int, *, shard_id: int,
                    num_shards: int, shuffle_buffer: int, seed: int, threads: int, device_id: int | None,
                    checkpoint: bytes | None = None, with_keys: bool = False,
@@ -197,6 +200,8 @@ def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size
         keys = (fn.get_property(jpegs, key="source_info"),) if with_keys else ()
         return (*[view_graph(image, shape, spec, gpu) for spec in specs], labels, *keys)
 
+    global pipelines_built
+    pipelines_built = True  # DALI's native threads now live in this process: no more plain fork (torch_loader)
     pipe = graph(checkpoint=checkpoint) if checkpoint is not None else graph()
     try:
         pipe.build()

@@ -331,17 +331,34 @@ def _val_batch(images: torch.Tensor, labels: list[int], batch_size: int, skipped
     return batch
 
 
-@functools.cache
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Where DataLoader workers start: a forkserver that has imported the main module and this one.
+def fork_is_safe() -> bool:
+    """Plain fork, the fastest worker start and the fastest workers, is safe until DALI or CUDA runs here."""
+    dali = sys.modules.get("pipelines.dali")
+    return (
+        "fork" in multiprocessing.get_all_start_methods()
+        and not getattr(dali, "pipelines_built", False)
+        and not torch.cuda.is_initialized()
+    )
 
-    Forking the training process itself is unsafe once DALI (or CUDA) has run in it: its native
-    threads are not copied and the children can crash. The forkserver never runs either, and forking
-    it stays cheap because the heavy imports (torch, OpenCV, the main script's) are done once, in the
-    server. As with spawn, a script that builds loaders needs the `if __name__ == "__main__":` guard.
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where DataLoader workers start: plain fork while that is safe, else a forkserver.
+
+    Forking the training process is unsafe once DALI (or CUDA) has run in it: its native threads are
+    not copied and the children can crash. Then workers start from a forkserver that has imported the
+    main module and this one (as with spawn, a script that builds loaders then needs the
+    `if __name__ == "__main__":` guard). Forked workers render about twice as fast as forkserver ones
+    on the 2-core CPU machine (docs/performance.md), so fork stays the default where it is safe.
     """
+    if fork_is_safe():
+        return multiprocessing.get_context("fork")
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
+    return _forkserver_context()
+
+
+@functools.cache
+def _forkserver_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     # a `python -m package.module` main is re-run in every worker: importing it in the server first
     # leaves the workers only its body to run ("__main__" covers script paths on Pythons that honour it)
@@ -353,15 +370,20 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 def make_dataloader(dataset: IterableDataset, workers: int) -> DataLoader:
     """A DataLoader whose workers yield finished batches (batch_size=None), started per epoch."""
+    context = worker_context() if workers else None
+    if context is not None and context.get_start_method() == "fork":
+        # a child forked from a process whose OpenCV thread pool exists hangs in its first
+        # cv2.setNumThreads: one thread here (the main process does no image work) before forking
+        cv2.setNumThreads(1)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=2 if workers else None, persistent_workers=False,
-                      multiprocessing_context=worker_context() if workers else None)
+                      multiprocessing_context=context)
 
 
 def build_torch_loaders(request: LoaderRequest) -> tuple[TrainLoader, ValLoader]:
     """The torch backend behind pipelines.loaders' contract."""
     cfg = request.cfg
-    if cfg.workers and worker_context().get_start_method() == "forkserver":
+    if cfg.workers and not fork_is_safe() and worker_context().get_start_method() == "forkserver":
         multiprocessing.forkserver.ensure_running()  # starts now, importing while the caller builds its model
     stream = TrainStream(request)
 
