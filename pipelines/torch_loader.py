@@ -11,6 +11,7 @@ import functools
 import math
 import multiprocessing
 import multiprocessing.forkserver
+import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -205,6 +206,9 @@ def _worker_start(storage_environment: dict[str, str] | None) -> int:
     info = get_worker_info()
     cv2.setNumThreads(1)  # each worker is one core's worth of parallelism
     if info is not None:
+        # a forked worker inherits the trainer's SIGTERM handler (a stop flag): restore the default so a
+        # pre-empted worker ends, as a forkserver one does, and the trainer reopens the loader at its position
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # a forkserver started before the AWS settings were (a notebook, a test) passed on stale ones
         storage.apply_environment(storage_environment)
     return info.id if info is not None else 0
