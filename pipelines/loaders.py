@@ -194,8 +194,8 @@ def build_loaders(shard_dir: str | Path, cfg: DataConfig, rank: int = 0, world_s
 
     `backend` overrides cfg.backend; `device_id` is the CUDA device for DALI (default: the current one).
     `with_keys` adds "key", the list of sample keys of the rows, to every batch (tests, debugging).
-    The torch backend's workers start from a forkserver, so a script that iterates the loaders needs
-    the `if __name__ == "__main__":` guard (as with spawn on macOS and Windows).
+    Once DALI or CUDA has run in the process, the torch backend's workers start from a forkserver, and a
+    script that iterates the loaders then needs the `if __name__ == "__main__":` guard (as with spawn).
     """
     cfg.validate()
     if not 0 <= rank < world_size:
