@@ -342,6 +342,8 @@ def fork_is_safe() -> bool:
         "fork" in multiprocessing.get_all_start_methods()
         and not getattr(dali, "pipelines_built", False)
         and not torch.cuda.is_initialized()
+        # mt-train's pre-emption handling (mt_scale.preemption) is tested with forkserver workers
+        and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
     )
 
 
