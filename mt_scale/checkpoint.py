@@ -2,23 +2,32 @@
 
 `checkpoints/step-NNNNNNNN/` holds Accelerate's save_state files plus ours (ema_teacher.safetensors,
 train_state.json, data_state_<rank>.json). Loading reads every file itself and never runs code:
-safetensors, JSON, and torch.load(weights_only=True) (docs/design.md: checkpoints).
+safetensors, JSON, and torch.load(weights_only=True), the last two through mt_scale.checkpoint_files
+(docs/design.md: checkpoints).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
+from mt_scale.checkpoint_files import (
+    RESTART_HINT,
+    RNG_SAFE_GLOBALS,
+    apply_state,
+    read_json,
+    restore_rng,
+    shape_mismatch,
+    short_reason,
+    torch_load,
+)
 from mt_scale.errors import MtScaleError
 from shard_tools.files import atomic_output
 
@@ -36,16 +45,6 @@ SCALER_NAME = "scaler.pt"
 FORMAT_VERSION = 2  # 1: pickled TrainState/teacher/data position (no longer loaded: they can run code)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _OLD_FORMAT_FILES = ("custom_checkpoint_0.pkl", "data_state_0.pt")
-_RESTART = "resume from another checkpoint (--resume DIR) or start a new run in another run.output_dir"
-
-# What an RNG file holds beyond tensors and Python scalars: numpy's MT19937 state array.
-_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
-_RNG_SAFE_GLOBALS: list[Any] = [
-    _NUMPY_CORE.multiarray._reconstruct,
-    np.ndarray,
-    np.dtype,
-    np.dtypes.UInt32DType,
-]
 
 
 @dataclass
@@ -79,7 +78,7 @@ class TrainState:
                 ok = value >= 0
             if not ok:
                 raise MtScaleError(
-                    f"{source}: field {name!r} is missing or not a valid {spec.type}; {_RESTART}"
+                    f"{source}: field {name!r} is missing or not a valid {spec.type}; {RESTART_HINT}"
                 )
             values[name] = value
         for name, value in values.items():
@@ -160,8 +159,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception) and not isinstance(exc, MtScaleError):
             raise MtScaleError(
-                f"{tmp}: writing the checkpoint failed ({_reason(exc)}); free space in or choose another "
-                "run.output_dir, then continue with --resume"
+                f"{tmp}: writing the checkpoint failed ({short_reason(exc)}); free space in or choose "
+                "another run.output_dir, then continue with --resume"
             ) from None
         raise
     accelerator.wait_for_everyone()
@@ -197,10 +196,10 @@ def load_checkpoint(
     # 1. Where the loop was, and whether the checkpoint belongs to this run at all.
     loaded = _read_train_state(accelerator, checkpoint, state.class_names, model_name, num_classes)
     data_file = checkpoint / data_state_name(rank)
-    data_state = _read_json(data_file)
-    mismatch = _shape_mismatch(data_state, loaders.state_dict(), "position")
+    data_state = read_json(data_file)
+    mismatch = shape_mismatch(data_state, loaders.state_dict(), "position")
     if mismatch:
-        raise MtScaleError(f"{data_file}: not a data position of these loaders ({mismatch}); {_RESTART}")
+        raise MtScaleError(f"{data_file}: not a data position of these loaders ({mismatch}); {RESTART_HINT}")
 
     # 2. Weights: safetensors only, and they must fit the models built from the config.
     student = accelerator._models[0]  # the prepared model save_state wrote (its keys, DDP prefix included)
@@ -211,22 +210,23 @@ def load_checkpoint(
         except Exception as exc:
             raise MtScaleError(
                 f"{path}: does not hold weights of {model_name!r} with {num_classes} classes "
-                f"({_reason(exc)}); {_RESTART}"
+                f"({short_reason(exc)}); {RESTART_HINT}"
             ) from None
 
     # 3. Accelerate's pickles, weights_only: tensors, containers and Python scalars only.
     optimizer, scheduler = accelerator._optimizers[0], accelerator._schedulers[0]
-    _apply(checkpoint / OPTIMIZER_NAME, optimizer.load_state_dict, "optimizer (optim.name and model)")
-    _apply(checkpoint / SCHEDULER_NAME, scheduler.load_state_dict, "LR scheduler")
+    apply_state(checkpoint / OPTIMIZER_NAME, optimizer.load_state_dict, "optimizer (optim.name and model)")
+    apply_state(checkpoint / SCHEDULER_NAME, scheduler.load_state_dict, "LR scheduler")
     if accelerator.scaler is not None:
-        _apply(checkpoint / SCALER_NAME, accelerator.scaler.load_state_dict, "gradient scaler")
+        apply_state(checkpoint / SCALER_NAME, accelerator.scaler.load_state_dict, "gradient scaler")
     rng_file = checkpoint / rng_state_name(rank)
-    rng = _torch_load(rng_file, _RNG_SAFE_GLOBALS)
+    rng = torch_load(rng_file, RNG_SAFE_GLOBALS)
     try:
-        accelerator_step = _restore_rng(rng)
+        accelerator_step = restore_rng(rng)
     except Exception as exc:
         raise MtScaleError(
-            f"{rng_file}: not a valid RNG state ({_reason(exc)}); resume would not be exact; {_RESTART}"
+            f"{rng_file}: not a valid RNG state ({short_reason(exc)}); resume would not be exact; "
+            f"{RESTART_HINT}"
         ) from None
     accelerator.step = accelerator_step
 
@@ -234,7 +234,9 @@ def load_checkpoint(
     try:
         loaders.load_state_dict(data_state)
     except Exception as exc:
-        raise MtScaleError(f"{data_file}: not a valid data position ({_reason(exc)}); {_RESTART}") from None
+        raise MtScaleError(
+            f"{data_file}: not a valid data position ({short_reason(exc)}); {RESTART_HINT}"
+        ) from None
     state.load_state_dict(loaded.state_dict())
 
 
@@ -253,7 +255,7 @@ def _check_files(accelerator: Accelerator, checkpoint: Path) -> None:
         raise MtScaleError(
             f"{data_file}: missing; either this checkpoint was written by fewer processes than the "
             f"{accelerator.num_processes} launched now (resume with the same number of processes) or it is "
-            f"incomplete ({_RESTART})"
+            f"incomplete ({RESTART_HINT})"
         )
     wanted = [TRAIN_STATE_NAME, STUDENT_NAME, TEACHER_NAME, OPTIMIZER_NAME, SCHEDULER_NAME]
     wanted.append(rng_state_name(rank))
@@ -261,7 +263,7 @@ def _check_files(accelerator: Accelerator, checkpoint: Path) -> None:
         wanted.append(SCALER_NAME)
     for name in wanted:
         if not (checkpoint / name).is_file():
-            raise MtScaleError(f"{checkpoint / name}: missing; the checkpoint is incomplete; {_RESTART}")
+            raise MtScaleError(f"{checkpoint / name}: missing; the checkpoint is incomplete; {RESTART_HINT}")
 
 
 def _read_train_state(
@@ -269,7 +271,7 @@ def _read_train_state(
 ) -> TrainState:
     """train_state.json, checked against this run's model, classes and process count."""
     state_file = checkpoint / TRAIN_STATE_NAME
-    record = _read_json(state_file)
+    record = read_json(state_file)
     saved_model = record.get("model") if isinstance(record, dict) else None
     if (
         not isinstance(record, dict)
@@ -277,13 +279,14 @@ def _read_train_state(
         or not isinstance(saved_model, dict)
     ):
         raise MtScaleError(
-            f"{state_file}: not an mt-scale checkpoint record (format {FORMAT_VERSION}); {_RESTART}"
+            f"{state_file}: not an mt-scale checkpoint record (format {FORMAT_VERSION}); {RESTART_HINT}"
         )
     if (saved_model.get("name"), saved_model.get("num_classes")) != (model_name, num_classes):
         raise MtScaleError(
-            f"{state_file}: written for model {saved_model.get('name')!r} with {saved_model.get('num_classes')} "
-            f"classes, this run builds {model_name!r} with {num_classes}; resume with the model.name and shard "
-            f"set the run was started with, or start a new run in another run.output_dir"
+            f"{state_file}: written for model {saved_model.get('name')!r} with "
+            f"{saved_model.get('num_classes')} classes, this run builds {model_name!r} with {num_classes}; "
+            f"resume with the model.name and shard set the run was started with, or start a new run in "
+            f"another run.output_dir"
         )
     expected_classes = list(class_names)
     loaded = TrainState()
@@ -299,91 +302,6 @@ def _read_train_state(
             f"{expected_classes[:5]}...; resume with the shard set the run was started on"
         )
     return loaded
-
-
-def _shape_mismatch(saved: Any, fresh: Any, where: str) -> str | None:
-    """Where `saved` differs in structure or type from `fresh` (the loaders' own state dict), or None.
-
-    Keys only one side has are left to the loaders; list lengths may differ (another worker count).
-    """
-    if isinstance(fresh, dict):
-        if not isinstance(saved, dict):
-            return f"{where} is not an object"
-        for key in saved.keys() & fresh.keys():
-            if found := _shape_mismatch(saved[key], fresh[key], f"{where}.{key}"):
-                return found
-        return None
-    if isinstance(fresh, list):
-        if not isinstance(saved, list):
-            return f"{where} is not a list"
-        for index, item in enumerate(saved):
-            if fresh and (found := _shape_mismatch(item, fresh[0], f"{where}[{index}]")):
-                return found
-        return None
-    numbers = (int, float) if isinstance(fresh, float) else (type(fresh),)
-    if fresh is not None and (
-        not isinstance(saved, numbers) or isinstance(saved, bool) != isinstance(fresh, bool)
-    ):
-        return f"{where} is {type(saved).__name__}, expected {type(fresh).__name__}"
-    return None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes())
-    except OSError as exc:
-        raise MtScaleError(f"{path}: cannot be read ({exc.strerror}); {_RESTART}") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError: damaged or not JSON at all
-        raise MtScaleError(f"{path}: damaged or not JSON ({_reason(exc)}); {_RESTART}") from None
-
-
-def _torch_load(path: Path, safe_globals: list[Any] | None = None) -> Any:
-    """torch.load(weights_only=True), with `safe_globals` allowed for this one call only."""
-    try:
-        with torch.serialization.safe_globals(safe_globals or []):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise MtScaleError(
-            f"{path}: damaged, or holds objects a checkpoint never contains, so it was not loaded "
-            f"({_reason(exc)}); {_RESTART}"
-        ) from None
-
-
-def _apply(path: Path, load_state_dict: Any, what: str) -> None:
-    content = _torch_load(path)
-    try:
-        load_state_dict(content)
-    except Exception as exc:
-        raise MtScaleError(f"{path}: does not fit this run's {what} ({_reason(exc)}); {_RESTART}") from None
-
-
-def _restore_rng(states: Any) -> int:
-    """Set Python, numpy, torch (and CUDA) RNG states as Accelerate saved them; returns its step count."""
-    if not isinstance(states, dict):
-        raise TypeError(f"expected a dict, got {type(states).__name__}")
-    step = states["step"]
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise TypeError("'step' is not a count")
-    random.setstate(states["random_state"])
-    np.random.set_state(states["numpy_random_seed"])
-    torch.set_rng_state(states["torch_manual_seed"])
-    if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
-        torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
-    return step
-
-
-def _reason(exc: BaseException) -> str:
-    """The first line of an exception's message, shortened: enough to tell damage from a mismatch."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    if text.endswith(":") and len(lines) > 1:  # a heading; the first detail says what is wrong
-        text = f"{text} {lines[1]}"
-    if "Weights only load failed" in text:
-        detail = next(
-            (line for line in lines if "unsupported" in line.lower() or "can only build" in line.lower()), ""
-        )
-        text = f"not weights-only: {detail}" if detail else "not weights-only"
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def export_teacher(teacher: torch.nn.Module, path: str | Path) -> Path:
