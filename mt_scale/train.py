@@ -1,7 +1,8 @@
 """The training loop: `train(cfg)` runs setup, then epochs (train, evaluate, checkpoint), then finish.
 
 `mt-train` and `accelerate launch -m mt_scale.train` run it; each batch is one call of the step in
-mt_scale.step. The design (what runs where, resume, pre-emption) is in docs/design.md.
+mt_scale.step; the evaluations are mt_scale.train_eval's. The design (what runs where, resume,
+pre-emption) is in docs/design.md.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,6 @@ from mt_scale.checkpoint import (
 )
 from mt_scale.config import Config
 from mt_scale.errors import MtScaleError
-from mt_scale.evaluate import evaluate
 from mt_scale.preemption import StopRequest, next_batch
 from mt_scale.report import (
     CURVES_NAME,
@@ -46,6 +45,7 @@ from mt_scale.report import (
     write_report,
     written,
 )
+from mt_scale.train_eval import checked_label_rows, evaluate_run
 from shard_tools.files import atomic_write
 
 if TYPE_CHECKING:
@@ -71,8 +71,8 @@ class TrainResult:
 
 
 @dataclass
-class _Run:
-    """Everything one run holds from setup to finish."""
+class Run:
+    """Everything one run holds from setup to finish (mt_scale.train_eval reads it too)."""
 
     cfg: Config  # this rank's share (resolve_for_devices)
     resolved: dict[str, Any]  # the config as given: what config.yaml and report.json hold
@@ -171,7 +171,7 @@ def _setup(
     keep: int,
     progress: bool,
     stop_after_steps: int | None,
-) -> _Run:
+) -> Run:
     """This rank's config, loaders, models and step; the checkpoint resumed; config.yaml and logs opened."""
     from mt_scale.config import config_to_dict, config_to_yaml, plan_devices, resolve_for_devices
     from mt_scale.step import MeanTeacherStep, create_training
@@ -202,7 +202,7 @@ def _setup(
     accelerator.init_trackers(TRACKER_PROJECT, config=flat_hparams(resolved))
     # Supervised-only, the student takes the labeled rows alone (which may differ by one between ranks).
     images = plan.device_batch * plan.world_size if cfg.mt.enabled else sum(plan.labeled_per_rank)
-    return _Run(
+    return Run(
         cfg=cfg, resolved=resolved, plan=plan, accelerator=accelerator, run_dir=Path(cfg.run.output_dir),
         stop=stop, keep=keep, progress=progress, stop_after_steps=stop_after_steps, loaders=loaders,
         parts=parts, step=MeanTeacherStep.create(cfg, accelerator, *parts), state=state, metrics=metrics,
@@ -223,7 +223,7 @@ def _steps_per_epoch(cfg: Config, accelerator: Accelerator, loaders: Loaders) ->
     return steps
 
 
-def _train_epoch(run: _Run, bar: tqdm) -> None:
+def _train_epoch(run: Run, bar: tqdm) -> None:
     """The rest of the current epoch, one step per batch; stops early at an agreed step boundary."""
     state, cfg = run.state, run.cfg
     run.loaders.set_epoch(state.epoch)
@@ -232,8 +232,8 @@ def _train_epoch(run: _Run, bar: tqdm) -> None:
         batch_start = time.perf_counter()
         batch, batches = next_batch(batches, run.loaders, run.stop)
         epoch = state.epoch + state.batch_in_epoch / run.batches_per_epoch
-        _checked_label_rows(batch["label"][: run.step.student_rows], run.loaders.num_classes, cfg.run.shards,
-                            "training")  # fmt: skip
+        checked_label_rows(batch["label"][: run.step.student_rows], run.loaders.num_classes, cfg.run.shards,
+                           "training")  # fmt: skip
         out = run.step(batch, state.step, epoch)
         state.batch_in_epoch += 1
         state.images_seen += run.images_per_batch
@@ -261,7 +261,7 @@ def _train_epoch(run: _Run, bar: tqdm) -> None:
     state.batch_in_epoch = 0
 
 
-def _log_train(run: _Run, weight: float, epoch: float, bar: tqdm) -> None:
+def _log_train(run: Run, weight: float, epoch: float, bar: tqdm) -> None:
     row = {
         "step": run.state.step,
         "epoch": epoch,
@@ -280,24 +280,24 @@ def _log_train(run: _Run, weight: float, epoch: float, bar: tqdm) -> None:
     run.window.reset()
 
 
-def _end_epoch(run: _Run, bar: tqdm) -> None:
+def _end_epoch(run: Run, bar: tqdm) -> None:
     """After an epoch (not the last: `_finish` ends the run): evaluate and checkpoint when due."""
     done, settings = run.state.epoch, run.cfg.run
     if done >= settings.epochs:
         return
     if settings.eval_every_epochs and done % settings.eval_every_epochs == 0:
-        run.last_eval = _evaluate(run)
+        run.last_eval = evaluate_run(run)
         if run.accelerator.is_main_process and run.progress:
             bar.write(eval_line(run.state.step, run.last_eval))
     if settings.checkpoint_every_epochs and done % settings.checkpoint_every_epochs == 0:
         _checkpoint(run)
 
 
-def _finish(run: _Run) -> TrainResult:
+def _finish(run: Run) -> TrainResult:
     """The one way out: a final checkpoint; a completed run also evaluates, exports and reports."""
     wall = time.perf_counter() - run.started
     if run.stopped_by is None:
-        run.last_eval = _evaluate(run)
+        run.last_eval = evaluate_run(run)
     checkpoint = _checkpoint(run)
     report: dict[str, Any] = {}
     if run.stopped_by is not None:
@@ -312,7 +312,7 @@ def _finish(run: _Run) -> TrainResult:
     return TrainResult(report=report, run_dir=run.run_dir, teacher=run.parts.teacher, final=run.last_eval)
 
 
-def _write_outputs(run: _Run, wall: float) -> dict[str, Any]:
+def _write_outputs(run: Run, wall: float) -> dict[str, Any]:
     """The exported teacher, report.json and curves.png (main process); returns the report."""
     cfg, run_dir, teacher = run.cfg, run.run_dir, run.parts.teacher
     export_path = written(run_dir / EXPORT_NAME, lambda: export_teacher(teacher, run_dir / EXPORT_NAME))
@@ -330,69 +330,10 @@ def _write_outputs(run: _Run, wall: float) -> dict[str, Any]:
     return report
 
 
-def _checkpoint(run: _Run) -> Path:
+def _checkpoint(run: Run) -> Path:
     return save_checkpoint(run.accelerator, run.run_dir, run.state, run.loaders, run.parts.teacher,
                            keep=run.keep, model_name=run.cfg.model.name,
                            num_classes=run.loaders.num_classes)  # fmt: skip
-
-
-def _evaluate(run: _Run) -> dict[str, float]:
-    """Student and teacher scores on the val split (every rank), logged by the main process."""
-    from mt_scale.teacher import sync_teacher_buffers
-
-    # BatchNorm statistics differ per rank until averaged; average so every rank scores one model.
-    student = run.accelerator.unwrap_model(run.parts.student)
-    sync_teacher_buffers(student)
-    result: dict[str, float] = {}
-    for name, model in (("student", student), ("teacher", run.parts.teacher)):
-        scores = _scores(run, model)
-        result.update({f"{name}_{key}": value for key, value in scores.items() if key != "count"})
-        result["val_count"] = scores["count"]
-    row = {"step": run.state.step, "epoch": run.state.step / run.steps_per_epoch, "kind": "eval", **result}
-    if run.metrics is not None:
-        run.metrics.write(row)
-    run.accelerator.log({f"val/{k}": v for k, v in result.items() if k != "val_count"}, step=run.state.step)
-    return result
-
-
-def _scores(run: _Run, model: torch.nn.Module) -> dict[str, float]:
-    data, loaders = run.cfg.data, run.loaders
-
-    def once() -> dict[str, float]:
-        batches = _checked_labels(loaders.val, loaders.num_classes, run.cfg.run.shards, "val")
-        return evaluate(model, batches, run.accelerator, mean=tuple(data.mean), std=tuple(data.std),
-                        channels_last=bool(run.cfg.model.channels_last))  # fmt: skip
-
-    try:
-        return once()
-    except MtScaleError:
-        raise
-    except Exception:
-        if not run.stop.requested:
-            raise
-    # The stop signal killed the val loader's workers: this rank evaluates again (its one all-reduce
-    # comes at the end, so the ranks stay in step).
-    return once()
-
-
-def _checked_label_rows(labels: torch.Tensor, num_classes: int, shards: str, split: str) -> torch.Tensor:
-    """`labels` (-1 = unlabeled), after checking every one names a class of the shard set."""
-    bad = (labels >= num_classes) | (labels < -1)
-    if labels.numel() and bool(bad.any()):
-        value = int(labels[bad][0])
-        raise MtScaleError(
-            f"{shards}: a {split} batch holds label {value}, but the manifest lists {num_classes} classes "
-            f"(labels 0..{num_classes - 1}); the set is damaged or mixes shards of another set: "
-            f"check it with mt-shard verify --decode {shards}"
-        )
-    return labels
-
-
-def _checked_labels(batches: Iterable[dict], num_classes: int, shards: str, split: str) -> Iterator[dict]:
-    for batch in batches:
-        labels, valid = batch["label"], batch.get("valid")
-        _checked_label_rows(labels[valid.bool()] if valid is not None else labels, num_classes, shards, split)
-        yield batch
 
 
 def _no_accelerator() -> bool:

@@ -1,0 +1,78 @@
+"""The loop's evaluation: student and teacher scored on the val split, logged; labels checked.
+
+mt_scale.train calls `evaluate_run` at the end of an epoch when due and at the finish of a completed
+run; `checked_label_rows` checks every training and val batch, so a label outside the manifest's
+classes stops the run with one line (docs/design.md: the loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from mt_scale.errors import MtScaleError
+from mt_scale.evaluate import evaluate
+
+if TYPE_CHECKING:
+    from mt_scale.train import Run
+
+
+def evaluate_run(run: Run) -> dict[str, float]:
+    """Student and teacher scores on the val split (every rank), logged by the main process."""
+    from mt_scale.teacher import sync_teacher_buffers
+
+    # BatchNorm statistics differ per rank until averaged; average so every rank scores one model.
+    student = run.accelerator.unwrap_model(run.parts.student)
+    sync_teacher_buffers(student)
+    result: dict[str, float] = {}
+    for name, model in (("student", student), ("teacher", run.parts.teacher)):
+        scores = _scores(run, model)
+        result.update({f"{name}_{key}": value for key, value in scores.items() if key != "count"})
+        result["val_count"] = scores["count"]
+    row = {"step": run.state.step, "epoch": run.state.step / run.steps_per_epoch, "kind": "eval", **result}
+    if run.metrics is not None:
+        run.metrics.write(row)
+    run.accelerator.log({f"val/{k}": v for k, v in result.items() if k != "val_count"}, step=run.state.step)
+    return result
+
+
+def _scores(run: Run, model: torch.nn.Module) -> dict[str, float]:
+    data, loaders = run.cfg.data, run.loaders
+
+    def once() -> dict[str, float]:
+        batches = _checked_labels(loaders.val, loaders.num_classes, run.cfg.run.shards, "val")
+        return evaluate(model, batches, run.accelerator, mean=tuple(data.mean), std=tuple(data.std),
+                        channels_last=bool(run.cfg.model.channels_last))  # fmt: skip
+
+    try:
+        return once()
+    except MtScaleError:
+        raise
+    except Exception:
+        if not run.stop.requested:
+            raise
+    # The stop signal killed the val loader's workers: this rank evaluates again (its one all-reduce
+    # comes at the end, so the ranks stay in step).
+    return once()
+
+
+def checked_label_rows(labels: torch.Tensor, num_classes: int, shards: str, split: str) -> torch.Tensor:
+    """`labels` (-1 = unlabeled), after checking every one names a class of the shard set."""
+    bad = (labels >= num_classes) | (labels < -1)
+    if labels.numel() and bool(bad.any()):
+        value = int(labels[bad][0])
+        raise MtScaleError(
+            f"{shards}: a {split} batch holds label {value}, but the manifest lists {num_classes} classes "
+            f"(labels 0..{num_classes - 1}); the set is damaged or mixes shards of another set: "
+            f"check it with mt-shard verify --decode {shards}"
+        )
+    return labels
+
+
+def _checked_labels(batches: Iterable[dict], num_classes: int, shards: str, split: str) -> Iterator[dict]:
+    for batch in batches:
+        labels, valid = batch["label"], batch.get("valid")
+        checked_label_rows(labels[valid.bool()] if valid is not None else labels, num_classes, shards, split)
+        yield batch
