@@ -251,7 +251,14 @@ def test_install_only_runs_before_dali_and_webdataset_exist(tmp_path: Path) -> N
     assert lines[-1] == "0 []"  # exit 0, and importing every module of the kit imported no third-party module
 
 
-def test_mt_bench_gpu_is_the_kit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_mt_bench_gpu_is_the_kit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[str]] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "main", lambda argv: seen.append(argv) or 7)
+        assert bench_main(["gpu", "--dry-run", "--parts", "ema"]) == 7
+    assert seen == [["gpu", "--dry-run", "--parts", "ema"]]
     assert bench_main(["gpu", "--wheels", str(tmp_path / "absent"), "--install-only"]) == 0
     assert capsys.readouterr().out.startswith(f"mt-bench gpu: no wheel folder {tmp_path / 'absent'}")
     parser = cli.build_parser()
@@ -330,7 +337,7 @@ def test_view_colour_recovers_known_factors(params: ColourParams) -> None:
 def test_judges_pass_the_spec_and_name_what_is_off() -> None:
     spec, (width, height) = get_spec("imagenet-train"), GEOMETRY_SIZE
     rng = np.random.default_rng(1)
-    boxes = [gpu_check_sample_box(spec, width, height, rng) for _ in range(400)]
+    boxes = [sample_box(spec, width, height, rng) for _ in range(400)]
     good = [(w * h / (width * height), w / h, bool(rng.random() < 0.5), float(rng.uniform(-10, 10)))
             for w, h in boxes]  # fmt: skip
     assert judge_geometry(good, 400, spec, width, height)[0] == []
@@ -348,7 +355,7 @@ def test_judges_pass_the_spec_and_name_what_is_off() -> None:
     assert judge_colour(colour[:300], 400, spec)[0] == ["only 300 of 400 views measurable"]
 
 
-def gpu_check_sample_box(spec, width: int, height: int, rng: np.random.Generator) -> tuple[float, float]:
+def sample_box(spec, width: int, height: int, rng: np.random.Generator) -> tuple[float, float]:
     from pipelines.augment import sample_crop_box
 
     _, _, w, h = sample_crop_box(spec, width, height, rng)
