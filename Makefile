@@ -37,5 +37,5 @@ GPU_OUT ?= bench-out/gpu
 GPU_ARGS ?=
 
 gpu-check:
-	$(GPU_PYTHON) -m mt_scale.gpu_check gpu --wheels $(WHEELS) --install-only
-	$(GPU_PYTHON) -m mt_scale.gpu_check gpu --json $(GPU_OUT)/gpu.json --markdown $(GPU_OUT)/gpu.md $(GPU_ARGS)
+	$(GPU_PYTHON) -m mt_scale.bench.gpu gpu --wheels $(WHEELS) --install-only
+	$(GPU_PYTHON) -m mt_scale.bench.gpu gpu --json $(GPU_OUT)/gpu.json --markdown $(GPU_OUT)/gpu.md $(GPU_ARGS)

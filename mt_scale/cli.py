@@ -129,8 +129,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
 def bench_main(argv: list[str] | None = None) -> int:
     """mt-bench; returns the exit status (2: a user error or an unwritable output, one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["gpu"]:  # the GPU check kit: its own options (mt_scale.gpu_check)
-        from mt_scale.gpu_check import main as gpu_main
+    if argv[:1] == ["gpu"]:  # the GPU check kit: its own options (the package mt_scale.bench.gpu)
+        from mt_scale.bench.gpu.cli import main as gpu_main
 
         return gpu_main(argv)
     args = build_bench_parser().parse_args(argv)
