@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=float,
         help="seconds the run may take; torch.compile parts that would "
-        "overrun it are skipped (default 450 on a GPU, 600 in the dry run)",
+        "overrun it are skipped (default 420 on a GPU, 600 in the dry run)",
     )
     parser.add_argument(
         "--parts", default="", help=f"comma-separated subset of: {', '.join(n for n, _ in PARTS)}"
