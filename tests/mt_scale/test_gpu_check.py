@@ -386,6 +386,15 @@ def test_a_failing_part_is_a_failed_check_and_the_report_keeps_every_key(tmp_pat
     assert "Traceback" not in table
 
 
+def test_a_subset_without_checks_passes_and_a_failed_check_fails() -> None:
+    # `--parts ema,summary` runs no check: its exit status must not say one failed (it did on the H200)
+    report = Report(GPU_PLAN)
+    report.result("gpu/ema_speedup", 29.7, "x", goal=">= 10x", meets=True)
+    assert report.as_dict()["all_checks_passed"] is True
+    report.check("dali/structure", False, error="views on cpu")
+    assert report.as_dict()["all_checks_passed"] is False
+
+
 def test_goals_are_judged_on_a_gpu_run_only(tmp_path: Path) -> None:
     report = Report(GPU_PLAN)
     report.result("gpu/mt_end_to_end_img_s", 1234.0, "img/s", goal=">= 1,400", meets=False)
