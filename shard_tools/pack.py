@@ -34,15 +34,9 @@ from shard_tools.files import (
     remove_partials,
     sha256_file,
 )
-from shard_tools.format import (
-    MANIFEST_NAME,
-    SPLITS,
-    Manifest,
-    ShardFormatError,
-    index_name,
-    read_manifest,
-)
+from shard_tools.format import MANIFEST_NAME, SPLITS, ShardFormatError, index_name
 from shard_tools.imaging import DEFAULT_MAX_PIXELS, BadImage, encode_for_shard, inspect, read_bytes
+from shard_tools.manifest import Manifest, read_manifest
 from shard_tools.plan import PackPlan, ShardTask, make_plan, write_set_files
 from shard_tools.sources import DIGITS, load_source
 from shard_tools.split import read_labels_file

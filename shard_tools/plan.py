@@ -19,12 +19,11 @@ from shard_tools.format import (
     TRAIN_LABELED,
     TRAIN_UNLABELED,
     VAL,
-    Manifest,
     ShardFormatError,
-    SplitInfo,
     shard_name,
 )
 from shard_tools.imaging import DEFAULT_MAX_PIXELS, target_size
+from shard_tools.manifest import Manifest, SplitInfo
 from shard_tools.sources import Collection, Item
 from shard_tools.split import choose_labeled, holdout, match_labels_file, read_labels_file, shuffled
 

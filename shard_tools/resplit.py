@@ -41,17 +41,15 @@ from shard_tools.format import (
     TRAIN_LABELED,
     TRAIN_UNLABELED,
     VAL,
-    Manifest,
     ShardFormatError,
     build_index,
     encode_class,
     encode_label,
     index_name,
     parse_index,
-    parse_key_classes,
-    read_manifest,
     shard_name,
 )
+from shard_tools.manifest import Manifest, parse_key_classes, read_manifest
 from shard_tools.pack import PackSummary, check_seed
 from shard_tools.plan import SPLIT_CODE, PackPlan, ShardTask, cut_into_shards, write_set_files
 from shard_tools.split import choose_labeled, match_labels_file, read_labels_file, shuffled

@@ -26,9 +26,8 @@ from shard_tools.format import (
     VAL,
     ShardFormatError,
     decode_class,
-    read_manifest,
-    shard_paths,
 )
+from shard_tools.manifest import read_manifest, shard_paths
 from shard_tools.pack import pack
 from shard_tools.verify import verify
 
