@@ -26,7 +26,8 @@ from shard_tools.format import (
     VAL,
 )
 from shard_tools.manifest import read_manifest, shard_paths
-from shard_tools.pack import STATE_NAME, pack
+from shard_tools.pack import pack
+from shard_tools.pack_resume import STATE_NAME
 from shard_tools.samples import write_photo_tree
 from shard_tools.sources import key_for
 from shard_tools.verify import verify
