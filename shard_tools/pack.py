@@ -174,7 +174,8 @@ def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
     return write_shard(task.out_dir, task.name, samples()), skipped
 
 
-def _check_input_files(labels_file, val_labels, classes_file) -> None:
+def _check_input_files(labels_file: str | Path | None, val_labels: str | Path | None,
+                       classes_file: str | Path | None) -> None:
     if labels_file is not None and not Path(labels_file).is_file():
         raise ShardFormatError(f"{labels_file}: no such labels file; check --labels")
     if val_labels is not None and not Path(val_labels).is_file():
@@ -194,7 +195,8 @@ def _out_state_of(out: Path, source: str | Path, pack_args: dict) -> str:
 
 
 def _make_plan(source: str | Path, out: Path, pack_args: dict, pixel_cap: int, workers: int, progress: bool, *,
-               labels_file, classes_file, val_list, val_labels) -> PackPlan:
+               labels_file: str | Path | None, classes_file: str | Path | None, val_list: str | Path | None,
+               val_labels: str | Path | None) -> PackPlan:
     """Find the images, check every one (in parallel) and plan the shards: nothing is written yet."""
     collection = load_source(source, str(classes_file) if classes_file else None, str(val_list) if val_list else None,
                              str(val_labels) if val_labels else None, progress)
