@@ -33,7 +33,8 @@ TARGET_RATIO = 0.7  # Mean Teacher's teacher error at most this fraction of the 
 
 def ensure_digits_shards(shard_dir: str | Path, *, progress: bool = True) -> Path:
     """The digits shard set with LABELS_PER_CLASS labels per class in `shard_dir`, packed if missing."""
-    from shard_tools.format import ShardFormatError, read_manifest
+    from shard_tools.format import ShardFormatError
+    from shard_tools.manifest import read_manifest
     from shard_tools.pack import pack
 
     shard_dir = Path(shard_dir)

@@ -23,12 +23,12 @@ from shard_tools.format import (
     MANIFEST_NAME,
     SPLITS,
     TRAIN_UNLABELED,
-    Manifest,
     ShardFormatError,
     decode_label,
     index_name,
     parse_index,
 )
+from shard_tools.manifest import Manifest
 
 VERIFY = "check the set with `mt-shard verify`"
 Sample = tuple[str, bytes, int]  # key, JPEG bytes, label

@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from shard_tools.errors import os_error_message
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -75,13 +77,6 @@ def remove_partials(folder: str | Path, ours: Callable[[str], bool] = is_set_fil
             leftover.unlink(missing_ok=True)
 
 
-def describe_os_error(exc: OSError, path: str | Path | None = None) -> str:
-    """`<path>: <reason>` for an OS error, naming the file the system call was about when it says."""
-    where = exc.filename if exc.filename is not None else path
-    reason = exc.strerror or str(exc)
-    return f"{where}: {reason}" if where is not None else reason
-
-
 def check_output_location(path: str | Path, option: str) -> None:
     """Refuse, before any work, an output folder that cannot be created or written: a path under a
     regular file, a read-only or full file system, /proc. Leaves nothing behind."""
@@ -93,7 +88,7 @@ def check_output_location(path: str | Path, option: str) -> None:
             is_dir = existing.is_dir()
             found = is_dir or existing.exists()
         except OSError as exc:
-            raise ShardFormatError(f"{path}: cannot reach it ({describe_os_error(exc)}); choose another {option}") from None
+            raise ShardFormatError(f"{path}: cannot reach it ({os_error_message(exc)}); choose another {option}") from None
         if found:
             break
     if not is_dir:

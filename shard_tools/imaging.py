@@ -32,7 +32,7 @@ def read_bytes(path: str | tuple | None, data: bytes | None) -> bytes:
     """The bytes of an input image; only regular files are read (a FIFO would block, /dev/zero never ends)."""
     if data is not None:
         return data
-    if isinstance(path, tuple):  # a member of an archive: shard_tools.archives.ArchiveMember
+    if isinstance(path, tuple):  # a member of an archive: shard_tools.archive_files.ArchiveMember
         return path.read()
     try:
         # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; fstat then rejects it.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shard_tools.format import SPLITS, read_manifest
+from shard_tools.format import SPLITS
+from shard_tools.manifest import read_manifest
 
 
 def _printable(value: object) -> str:

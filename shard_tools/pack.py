@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import multiprocessing
 import numbers
 import os
@@ -23,36 +22,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shard_tools.files import (
-    atomic_write,
-    check_output_location,
-    describe_os_error,
-    is_set_file,
-    make_dirs,
-    partial_target,
-    remove_empty_dirs,
-    remove_partials,
-    sha256_file,
-)
-from shard_tools.format import (
-    MANIFEST_NAME,
-    SPLITS,
-    Manifest,
-    ShardFormatError,
-    index_name,
-    read_manifest,
-)
+from shard_tools.errors import os_error_message
+from shard_tools.files import check_output_location, make_dirs, sha256_file
+from shard_tools.format import SPLITS, ShardFormatError
 from shard_tools.imaging import DEFAULT_MAX_PIXELS, BadImage, encode_for_shard, inspect, read_bytes
+from shard_tools.manifest import Manifest, read_manifest
+from shard_tools.pack_resume import STATE_NAME, abandon, finished_shards, out_state, save_state
 from shard_tools.plan import PackPlan, ShardTask, make_plan, write_set_files
 from shard_tools.sources import DIGITS, load_source
 from shard_tools.split import read_labels_file
 from shard_tools.writer import ShardResult, sample_members, write_shard
 
-STATE_NAME = ".mt-shard-pack.json"  # resume state of an unfinished pack; removed when it completes
-
 
 @dataclass
 class PackSummary:
+    """What a pack (or re-split) made, and the one line `mt-shard` prints about it."""
+
     out_dir: Path
     counts: dict[str, int]
     skipped: int
@@ -64,6 +49,14 @@ class PackSummary:
     skipped_paths: list[str] = field(default_factory=list)
     verb: str = "packed"
     note: str = ""  # anything else the user should know, appended to the line
+
+    @classmethod
+    def of_set(cls, out_dir: Path, manifest: Manifest, seconds: float, shards_written: int = 0,
+               **fields) -> PackSummary:
+        """The summary of the set `manifest` describes (images per split, skipped, bytes), with `fields`."""
+        counts = {name: manifest.split(name).num_samples for name in SPLITS}
+        size = sum(sum(manifest.split(name).bytes) for name in SPLITS)
+        return cls(out_dir, counts, len(manifest.skipped), size, seconds, shards_written, **fields)
 
     @property
     def images(self) -> int:
@@ -114,56 +107,6 @@ def _check_options(quality: int, shard_size: int, shard_bytes: int | None, worke
         raise ShardFormatError(f"--workers {workers}: must be at least 1")
     if max_side is not None and max_side < 1:
         raise ShardFormatError(f"--max-side {max_side}: must be at least 1 pixel")
-
-
-def is_pack_output(name: str) -> bool:
-    """A file name pack writes into OUT (so only these, and their temporaries, are ever deleted)."""
-    return is_set_file(name) or name == STATE_NAME
-
-
-def _damaged_shard(out: Path, manifest: Manifest) -> str | None:
-    """What is wrong with a finished set's shards (missing, other size, other sha256), or None."""
-    shards = [(name, manifest.split(split), position) for split in SPLITS
-              for position, name in enumerate(manifest.split(split).shards)]
-    for name, info, position in shards:  # the cheap checks first
-        path = out / name
-        if not path.is_file() or not (out / index_name(name)).is_file():
-            return f"{name if not path.is_file() else index_name(name)} is missing"
-        if info.bytes and path.stat().st_size != info.bytes[position]:
-            return f"{name} is not the size manifest.json gives"
-    for name, info, position in shards:
-        if sha256_file(out / name) != info.sha256[position]:
-            return f"{name}'s sha256 differs from manifest.json"
-    return None
-
-
-def _out_state(out: Path, pack_args: dict) -> str:
-    """'new', 'resume' or 'complete'; raises when OUT holds something else."""
-    if not out.exists():
-        return "new"
-    if not out.is_dir():
-        raise ShardFormatError(f"{out}: exists and is not a folder; choose another OUT")
-    if (out / MANIFEST_NAME).exists():
-        if read_manifest(out).pack_args != pack_args:
-            raise ShardFormatError(f"{out}: holds a different shard set; choose another OUT or delete it")
-        damage = _damaged_shard(out, read_manifest(out))
-        if damage:
-            raise ShardFormatError(f"{out}: already packed with these options, but {damage}; restore it, or delete "
-                                   f"{out} and pack again (mt-shard verify {out} lists every problem)")
-        return "complete"
-    state_file = out / STATE_NAME
-    if state_file.exists():
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            state = {}
-        if isinstance(state, dict) and state.get("pack_args") == pack_args:
-            return "resume"
-        raise ShardFormatError(f"{out}: holds an unfinished pack with other options; rerun that command or delete {out}")
-    # Only temporaries of our own names count as leftovers; a user's `notes.partial` is theirs.
-    if any(not is_pack_output(partial_target(p.name) or "") for p in out.iterdir()):
-        raise ShardFormatError(f"{out}: exists and is not empty; choose another OUT or delete it")
-    return "new"
 
 
 def _worker_init() -> None:
@@ -231,56 +174,75 @@ def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
     return write_shard(task.out_dir, task.name, samples()), skipped
 
 
-def _sound_record(record: object) -> bool:
-    """A resume record as pack writes it (a damaged state file's records are packed again)."""
-    return (isinstance(record, dict) and isinstance(record.get("sha256"), str)
-            and all(isinstance(record.get(k), int) for k in ("count", "bytes"))
-            and isinstance(record.get("skipped"), list)
-            and all(isinstance(e, dict) and all(isinstance(e.get(k), str) for k in ("path", "reason", "key"))
-                    for e in record["skipped"]))
+def _check_input_files(labels_file: str | Path | None, val_labels: str | Path | None,
+                       classes_file: str | Path | None) -> None:
+    if labels_file is not None and not Path(labels_file).is_file():
+        raise ShardFormatError(f"{labels_file}: no such labels file; check --labels")
+    if val_labels is not None and not Path(val_labels).is_file():
+        raise ShardFormatError(f"{val_labels}: no such val labels file; check --val-labels")
+    if classes_file is not None and not Path(classes_file).is_file():
+        raise ShardFormatError(f"{classes_file}: no such classes file; check --classes")
 
 
-def _shard_done(out: Path, record: dict | None, task: ShardTask) -> bool:
-    tar_path = out / task.name
-    if not _sound_record(record) or record.get("plan") != task.plan_hash or not tar_path.is_file():
-        return False
-    if not (out / index_name(task.name)).exists():
-        return False
-    return sha256_file(tar_path) == record["sha256"]
+def _out_state_of(out: Path, source: str | Path, pack_args: dict) -> str:
+    """'new', 'resume' or 'complete' for OUT (see pack_resume.out_state); refuses an OUT inside SRC."""
+    if str(source) != DIGITS and Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve()):
+        raise ShardFormatError(f"{out}: is inside SRC {source}, so a later pack would read its shards; put OUT elsewhere")
+    try:
+        return out_state(out, pack_args)
+    except OSError as exc:
+        raise ShardFormatError(f"{os_error_message(exc, out)}; choose another OUT") from None
 
 
-def _finished_shards(out: Path, plan: PackPlan, resuming: bool) -> dict[str, dict]:
-    """Records of the shards an interrupted run finished and that still match the plan; clears the rest."""
-    remove_partials(out, is_pack_output)
-    records: dict = {}
-    if resuming:
-        try:
-            records = json.loads((out / STATE_NAME).read_text()).get("shards", {})
-        except (ValueError, AttributeError):
-            records = {}  # a damaged state file: every shard is packed again
-    if not isinstance(records, dict):
-        records = {}
-    records = {t.name: records[t.name] for t in plan.tasks if _shard_done(out, records.get(t.name), t)}
-    planned = {t.name for t in plan.tasks} | {index_name(t.name) for t in plan.tasks}
-    for leftover in [*out.glob("*.tar"), *out.glob("*.idx")]:
-        if leftover.name not in planned and is_pack_output(leftover.name):
-            leftover.unlink()  # from an earlier plan of this pack (the input changed since)
-    return records
+def _make_plan(source: str | Path, out: Path, pack_args: dict, pixel_cap: int, workers: int, progress: bool, *,
+               labels_file: str | Path | None, classes_file: str | Path | None, val_list: str | Path | None,
+               val_labels: str | Path | None) -> PackPlan:
+    """Find the images, check every one (in parallel) and plan the shards: nothing is written yet."""
+    collection = load_source(source, str(classes_file) if classes_file else None, str(val_list) if val_list else None,
+                             str(val_labels) if val_labels else None, progress)
+    if labels_file is not None:
+        read_labels_file(labels_file, collection.classes)  # its errors show before the long check
+    items = collection.train + (collection.val or [])
+    scans = list(
+        tqdm(
+            _parallel_map(_scan_one, [(item.path, item.data, pixel_cap) for item in items], workers, True, chunksize=32),
+            total=len(items), desc="check", unit="img", disable=not progress, leave=False,
+        )
+    )
+    plan: PackPlan = make_plan(collection, scans, pack_args, labels_file=labels_file, out_dir=out)
+    for task in plan.tasks:
+        task.max_pixels = pixel_cap
+    return plan
 
 
-def _abandon(out: Path, created: list[Path], records: dict, exc: OSError) -> ShardFormatError:
-    """After an OS error while writing: no half-written file stays; a pack that finished no shard
-    leaves nothing at all, one that did keeps its shards to resume. Returns the one-line error."""
-    with contextlib.suppress(OSError):  # cleaning up must not hide the error itself
-        remove_partials(out, is_pack_output)
-        if not records:
-            (out / STATE_NAME).unlink(missing_ok=True)
-            remove_empty_dirs(created)
-    if not records:
-        return ShardFormatError(f"{describe_os_error(exc, out)}; nothing was kept; fix that (space, permissions) "
-                                "and run the command again")
-    return ShardFormatError(f"{describe_os_error(exc, out)}; {len(records)} finished shard(s) kept in {out}: fix "
-                            f"that (space, permissions) and run the same command again to resume, or delete {out}")
+def _write_set(out: Path, plan: PackPlan, pack_args: dict, resuming: bool, workers: int,
+               progress: bool) -> tuple[Manifest, int]:
+    """Write the shards not finished yet (in parallel, recording each as it lands), then the set files.
+
+    Returns the manifest and the count of shards written by this run.
+    """
+    created: list[Path] = []
+    records: dict[str, dict] = {}
+    try:
+        created = make_dirs(out)
+        records = finished_shards(out, plan, resuming=resuming)
+        save_state(out, pack_args, records)
+        # Largest shards first, so the last ones to finish are small and workers end together.
+        todo = sorted((t for t in plan.tasks if t.name not in records), key=lambda t: -len(t.samples))
+        plan_hashes = {t.name: t.plan_hash for t in todo}
+        bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
+        with _one_thread_per_worker():
+            for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
+                records[result.name] = {"plan": plan_hashes[result.name], "sha256": result.sha256,
+                                        "count": result.count, "bytes": result.bytes, "skipped": skipped}
+                save_state(out, pack_args, records)
+                bar.update(result.count + len(skipped))
+        bar.close()
+        manifest = write_set_files(out, plan, records)
+        (out / STATE_NAME).unlink(missing_ok=True)
+    except OSError as exc:
+        raise abandon(out, created, records, exc) from None
+    return manifest, len(todo)
 
 
 def pack(
@@ -317,12 +279,7 @@ def pack(
     _check_options(quality, shard_size, shard_bytes, workers, max_side, labels_per_class, label_fraction, labels_file,
                    seed, max_pixels)
     out = Path(out_dir)
-    if labels_file is not None and not Path(labels_file).is_file():
-        raise ShardFormatError(f"{labels_file}: no such labels file; check --labels")
-    if val_labels is not None and not Path(val_labels).is_file():
-        raise ShardFormatError(f"{val_labels}: no such val labels file; check --val-labels")
-    if classes_file is not None and not Path(classes_file).is_file():
-        raise ShardFormatError(f"{classes_file}: no such classes file; check --classes")
+    _check_input_files(labels_file, val_labels, classes_file)
     # Everything that decides the output (not the worker count): a resume must match it exactly.
     pack_args = {
         "source": DIGITS if str(source) == DIGITS else str(Path(source).resolve()),
@@ -343,64 +300,15 @@ def pack(
     if max_pixels is not None:  # recorded only when given, so sets packed before the option still match
         pack_args["max_pixels"] = int(max_pixels)
     pixel_cap = int(max_pixels) if max_pixels is not None else DEFAULT_MAX_PIXELS
-    if str(source) != DIGITS and Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve()):
-        raise ShardFormatError(f"{out}: is inside SRC {source}, so a later pack would read its shards; put OUT elsewhere")
-    try:
-        state = _out_state(out, pack_args)
-    except OSError as exc:
-        raise ShardFormatError(f"{describe_os_error(exc, out)}; choose another OUT") from None
+    state = _out_state_of(out, source, pack_args)
     if state == "complete":
-        manifest = read_manifest(out)
-        counts = {name: manifest.split(name).num_samples for name in SPLITS}
-        total = sum(sum(manifest.split(name).bytes) for name in SPLITS)
-        return PackSummary(out, counts, len(manifest.skipped), total, 0.0, 0, already_complete=True)
+        return PackSummary.of_set(out, read_manifest(out), 0.0, already_complete=True)
     check_output_location(out, "OUT")  # before the long check: a wrong OUT fails in a second
 
-    collection = load_source(source, str(classes_file) if classes_file else None, str(val_list) if val_list else None,
-                             str(val_labels) if val_labels else None, progress)
-    if labels_file is not None:
-        read_labels_file(labels_file, collection.classes)  # its errors show before the long check
-    items = collection.train + (collection.val or [])
-    scans = list(
-        tqdm(
-            _parallel_map(_scan_one, [(item.path, item.data, pixel_cap) for item in items], workers, True, chunksize=32),
-            total=len(items), desc="check", unit="img", disable=not progress, leave=False,
-        )
-    )
-    plan: PackPlan = make_plan(collection, scans, pack_args, labels_file=labels_file, out_dir=out)
-
-    for task in plan.tasks:
-        task.max_pixels = pixel_cap
-
+    plan = _make_plan(source, out, pack_args, pixel_cap, workers, progress, labels_file=labels_file,
+                      classes_file=classes_file, val_list=val_list, val_labels=val_labels)
     # Everything a user can get wrong has been checked: from here on files are written.
-    created: list[Path] = []
-    records: dict[str, dict] = {}
-    try:
-        created = make_dirs(out)
-        records = _finished_shards(out, plan, resuming=state == "resume")
-        save_state = lambda: atomic_write(out / STATE_NAME, json.dumps({"pack_args": pack_args, "shards": records}))  # noqa: E731
-        save_state()
-        # Largest shards first, so the last ones to finish are small and workers end together.
-        todo = sorted((t for t in plan.tasks if t.name not in records), key=lambda t: -len(t.samples))
-        plan_hashes = {t.name: t.plan_hash for t in todo}
-        bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
-        with _one_thread_per_worker():
-            for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
-                records[result.name] = {"plan": plan_hashes[result.name], "sha256": result.sha256,
-                                        "count": result.count, "bytes": result.bytes, "skipped": skipped}
-                save_state()
-                bar.update(result.count + len(skipped))
-        bar.close()
-        manifest = write_set_files(out, plan, records)
-        (out / STATE_NAME).unlink(missing_ok=True)
-    except OSError as exc:
-        raise _abandon(out, created, records, exc) from None
-    counts = {name: manifest.split(name).num_samples for name in SPLITS}
-    size = sum(sum(manifest.split(name).bytes) for name in SPLITS)
-    summary = PackSummary(
-        out, counts, len(manifest.skipped), size, time.perf_counter() - started,
-        shards_written=len(todo), shards_kept=len(plan.tasks) - len(todo),
-        skipped_paths=[entry["path"] for entry in manifest.skipped],
-    )
-    return summary
-
+    manifest, written = _write_set(out, plan, pack_args, state == "resume", workers, progress)
+    return PackSummary.of_set(out, manifest, time.perf_counter() - started, shards_written=written,
+                              shards_kept=len(plan.tasks) - written,
+                              skipped_paths=[entry["path"] for entry in manifest.skipped])

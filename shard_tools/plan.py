@@ -19,12 +19,11 @@ from shard_tools.format import (
     TRAIN_LABELED,
     TRAIN_UNLABELED,
     VAL,
-    Manifest,
     ShardFormatError,
-    SplitInfo,
     shard_name,
 )
 from shard_tools.imaging import DEFAULT_MAX_PIXELS, target_size
+from shard_tools.manifest import Manifest, SplitInfo
 from shard_tools.sources import Collection, Item
 from shard_tools.split import choose_labeled, holdout, match_labels_file, read_labels_file, shuffled
 
@@ -85,8 +84,13 @@ def _estimated_bytes(scan: tuple, max_side: int | None) -> int:
         image = int(file_bytes * (new_w * new_h) / (width * height))
     else:
         image = new_w * new_h // 4  # about 2 bits per pixel for a quality-90 JPEG
-    # Four members (jpg, cls, lbl, json), each a 512-byte header plus data padded to 512 bytes.
-    return 4 * _TAR_BLOCK + -(-image // _TAR_BLOCK) * _TAR_BLOCK + 3 * _TAR_BLOCK
+    return sample_tar_bytes(image)
+
+
+def sample_tar_bytes(image_bytes: int) -> int:
+    """Tar bytes of one sample whose JPEG is `image_bytes` long: four members (jpg, cls, lbl, json), each a
+    512-byte header plus data padded to 512 bytes (cls, lbl and json fit one block each)."""
+    return 4 * _TAR_BLOCK + -(-image_bytes // _TAR_BLOCK) * _TAR_BLOCK + 3 * _TAR_BLOCK
 
 
 def cut_into_shards(entries: list, sizes: list[int], shard_size: int, shard_bytes: int | None) -> list[list]:

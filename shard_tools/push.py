@@ -22,11 +22,10 @@ from shard_tools.format import (
     MANIFEST_NAME,
     SPLITS,
     TRAIN_CLASSES_NAME,
-    Manifest,
     ShardFormatError,
     index_name,
-    read_manifest,
 )
+from shard_tools.manifest import Manifest, read_manifest
 
 DEFAULT_WORKERS = 8  # uploads are network-bound: more threads than cores
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shard_tools.errors import os_error_message
 from shard_tools.files import (
     check_output_location,
-    describe_os_error,
     make_dirs,
     partial_path,
     remove_empty_dirs,
@@ -41,23 +41,27 @@ from shard_tools.format import (
     TRAIN_LABELED,
     TRAIN_UNLABELED,
     VAL,
-    Manifest,
     ShardFormatError,
     build_index,
     encode_class,
     encode_label,
     index_name,
     parse_index,
-    parse_key_classes,
-    read_manifest,
     shard_name,
 )
+from shard_tools.manifest import Manifest, parse_key_classes, read_manifest
 from shard_tools.pack import PackSummary, check_seed
-from shard_tools.plan import SPLIT_CODE, PackPlan, ShardTask, cut_into_shards, write_set_files
+from shard_tools.plan import (
+    SPLIT_CODE,
+    PackPlan,
+    ShardTask,
+    cut_into_shards,
+    sample_tar_bytes,
+    write_set_files,
+)
 from shard_tools.split import choose_labeled, match_labels_file, read_labels_file, shuffled
 from shard_tools.writer import write_shard
 
-_TAR_BLOCK = 512
 MARKER_NAME = ".mt-shard-resplit"  # inside the temporary folder: says it is ours to discard
 _MAX_META_BYTES = 1 << 20
 _TAR_ERRORS = (tarfile.TarError, EOFError)
@@ -265,15 +269,13 @@ def resplit(
             shutil.rmtree(temp, ignore_errors=True)
         remove_empty_dirs(created)
         if isinstance(exc, OSError):
-            raise ShardFormatError(f"{describe_os_error(exc, target)}; nothing was written to {target}") from None
+            raise ShardFormatError(f"{os_error_message(exc, target)}; nothing was written to {target}") from None
         raise
     finally:
         for handle in handles.values():
             handle.close()
-    counts = {name: new_manifest.split(name).num_samples for name in SPLITS}
-    total = sum(sum(new_manifest.split(name).bytes) for name in SPLITS)
-    return PackSummary(target, counts, len(new_manifest.skipped), total, time.perf_counter() - started,
-                       shards_written=len(tasks), verb="re-split", note=note)
+    return PackSummary.of_set(target, new_manifest, time.perf_counter() - started, shards_written=len(tasks),
+                              verb="re-split", note=note)
 
 
 def _write_training_shards(folder: Path, keys, labels, chosen, places, handles, seed: int, size: int,
@@ -287,7 +289,7 @@ def _write_training_shards(folder: Path, keys, labels, chosen, places, handles, 
     bar = tqdm(total=len(keys), desc="resplit", unit="img", disable=not progress)
     for split, entries in parts.items():
         entries = [entries[i] for i in shuffled(len(entries), seed, SPLIT_CODE[split])]
-        sizes = [7 * _TAR_BLOCK + -(-places[key][1][IMAGE_EXT][1] // _TAR_BLOCK) * _TAR_BLOCK for key, _ in entries]
+        sizes = [sample_tar_bytes(places[key][1][IMAGE_EXT][1]) for key, _ in entries]
         for number, chunk in enumerate(cut_into_shards(entries, sizes, size, shard_bytes)):
             task = ShardTask(str(folder), shard_name(split, number), split, [], None, 0)
 

@@ -19,7 +19,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,25 +236,36 @@ def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(20.0, 2.0**attempt)))  # noqa: S311 - jitter, as botocore's standard mode
 
 
-def _get(url: str, start: int | None = None, length: int | None = None) -> bytes:
-    bucket, key = _object_key(url)
-    arguments = {"Bucket": bucket, "Key": key}
-    if start is not None and length is not None:
-        arguments["Range"] = f"bytes={start}-{start + length - 1}"
+def _read_body(url: str, open_body: Callable[[object], object],
+               read: Callable[[object], Iterable[bytes]]) -> Iterator[bytes]:
+    """What `read(body)` gives of the body `open_body(client)` opens; a connection cut mid-read opens it
+    again (with backoff, up to the client's attempt count), and whatever still fails is one line."""
     body_errors = _body_errors()
     attempt = 0
     while True:
         with _translate(url, "s3:GetObject"):
             s3_client, attempts = _client_and_attempts()
-            body = s3_client.get_object(**arguments)["Body"]  # type: ignore[attr-defined]
+            body = open_body(s3_client)
             try:
-                return body.read()
+                yield from read(body)
+                return
             except body_errors:
                 attempt += 1
                 if attempt >= attempts:
                     raise
-                body.close()
+                body.close()  # type: ignore[attr-defined]
         _backoff(attempt)
+
+
+def _get(url: str, start: int | None = None, length: int | None = None) -> bytes:
+    bucket, key = _object_key(url)
+    arguments = {"Bucket": bucket, "Key": key}
+    if start is not None and length is not None:
+        arguments["Range"] = f"bytes={start}-{start + length - 1}"
+    # A cut body is read again whole: a range is one request.
+    bodies = _read_body(url, lambda s3_client: s3_client.get_object(**arguments)["Body"],  # type: ignore[attr-defined]
+                        lambda body: [body.read()])  # type: ignore[attr-defined]
+    return b"".join(bodies)
 
 
 def read_bytes(url: str) -> bytes:
@@ -347,26 +358,18 @@ def upload_file(path: str | Path, url: str, sha256: str | None = None,
 def stream(url: str, chunk: int = 1 << 20) -> Iterator[bytes]:
     """The object's bytes in chunks, read once; a connection cut mid-object resumes where it stopped."""
     bucket, key = _object_key(url)
-    body_errors = _body_errors()
-    offset = attempt = 0
+    offset = 0
     etag = None
-    while True:
-        with _translate(url, "s3:GetObject"):
-            s3_client, attempts = _client_and_attempts()
-            arguments = {"Bucket": bucket, "Key": key}
-            if offset:
-                arguments.update(Range=f"bytes={offset}-", IfMatch=etag)  # the same object, from where it broke
-            response = s3_client.get_object(**arguments)  # type: ignore[attr-defined]
-            etag = etag or response.get("ETag")
-            body = response["Body"]
-            try:
-                for block in body.iter_chunks(chunk):
-                    offset += len(block)
-                    yield block
-                return
-            except body_errors:
-                attempt += 1
-                if attempt >= attempts:
-                    raise
-                body.close()
-        _backoff(attempt)
+
+    def open_body(s3_client) -> object:
+        nonlocal etag
+        arguments = {"Bucket": bucket, "Key": key}
+        if offset:
+            arguments.update(Range=f"bytes={offset}-", IfMatch=etag)  # the same object, from where it broke
+        response = s3_client.get_object(**arguments)
+        etag = etag or response.get("ETag")
+        return response["Body"]
+
+    for block in _read_body(url, open_body, lambda body: body.iter_chunks(chunk)):  # type: ignore[attr-defined]
+        offset += len(block)
+        yield block

@@ -28,7 +28,7 @@ class Item:
     key: str
     label: int
     origin: str  # path as the user knows it (relative to SRC or the list), or "digits/<n>"
-    path: str | tuple | None = None  # file to read (or an archives.ArchiveMember); None when `data` holds the bytes
+    path: str | tuple | None = None  # file to read (or an archive_files.ArchiveMember); None when `data` holds the bytes
     data: bytes | None = None
     where: str = ""  # "<list file>:<line>" for file-list items, for messages
 

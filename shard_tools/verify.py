@@ -33,18 +33,20 @@ from shard_tools.format import (
     TRAIN_CLASSES_NAME,
     TRAIN_LABELED,
     TRAIN_UNLABELED,
-    Manifest,
     ShardFormatError,
     decode_class,
     decode_label,
     index_name,
     index_text,
     is_valid_key,
+    shown,
+)
+from shard_tools.manifest import (
+    Manifest,
     manifest_path,
     manifest_problems,
     parse_key_classes,
     read_manifest_data,
-    shown,
 )
 
 _MAX_SMALL_MEMBER = 1 << 20  # .cls, .lbl and .json members are a few bytes; a larger one is not read

@@ -21,7 +21,7 @@ from mt_scale.demo import (
     run_demo,
     teacher_error_ratio,
 )
-from shard_tools.format import read_manifest
+from shard_tools.manifest import read_manifest
 
 SUMMARY = {
     "0": {

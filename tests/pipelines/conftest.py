@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipelines import DataConfig
-from shard_tools.format import SPLITS, decode_label, index_name, read_manifest
+from shard_tools.format import SPLITS, decode_label, index_name
+from shard_tools.manifest import read_manifest
 
 
 def read_split(shard_dir: Path, split: str) -> dict[str, tuple[int, bytes]]:

@@ -12,7 +12,8 @@ import pytest
 
 from pipelines import DataConfig, PipelineError, build_loaders
 from pipelines.reading import Split, shuffled
-from shard_tools.format import build_index, encode_label, index_name, read_manifest
+from shard_tools.format import build_index, encode_label, index_name
+from shard_tools.manifest import read_manifest
 from shard_tools.pack import pack
 
 

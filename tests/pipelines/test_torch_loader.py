@@ -132,7 +132,8 @@ def test_repeated_labeled_draws_get_fresh_views_and_a_resume_replays_them(digits
 
 def _corrupt_unlabeled_images(shards, every: int) -> int:
     """Zero every `every`-th unlabeled JPEG in place (same length: tars and indexes stay valid)."""
-    from shard_tools.format import index_name, parse_index, read_manifest
+    from shard_tools.format import index_name, parse_index
+    from shard_tools.manifest import read_manifest
 
     count = 0
     for name in read_manifest(shards).split("train-unlabeled").shards:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import shard_tools.pack as pack_module
-from shard_tools.archives import cifar_records
+from shard_tools.cifar import cifar_records
 from shard_tools.cli import main
 from shard_tools.format import (
     LABELS_NAME,
@@ -26,9 +26,8 @@ from shard_tools.format import (
     VAL,
     ShardFormatError,
     decode_class,
-    read_manifest,
-    shard_paths,
 )
+from shard_tools.manifest import read_manifest, shard_paths
 from shard_tools.pack import pack
 from shard_tools.verify import verify
 

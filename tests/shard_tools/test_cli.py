@@ -17,9 +17,8 @@ from shard_tools.format import (
     TRAIN_LABELED,
     TRAIN_UNLABELED,
     VAL,
-    read_manifest,
-    shard_paths,
 )
+from shard_tools.manifest import read_manifest, shard_paths
 from shard_tools.samples import write_photo_tree
 from shard_tools.writer import sample_members, write_shard
 

@@ -13,9 +13,7 @@ import pytest
 from shard_tools.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
-    Manifest,
     ShardFormatError,
-    SplitInfo,
     build_index,
     decode_class,
     decode_label,
@@ -24,10 +22,9 @@ from shard_tools.format import (
     index_name,
     is_valid_key,
     parse_index,
-    read_manifest,
     shard_name,
-    shard_paths,
 )
+from shard_tools.manifest import Manifest, SplitInfo, read_manifest, shard_paths
 
 
 def test_label_encodings_round_trip_and_bytes():

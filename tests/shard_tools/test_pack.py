@@ -24,10 +24,10 @@ from shard_tools.format import (
     TRAIN_LABELED,
     TRAIN_UNLABELED,
     VAL,
-    read_manifest,
-    shard_paths,
 )
-from shard_tools.pack import STATE_NAME, pack
+from shard_tools.manifest import read_manifest, shard_paths
+from shard_tools.pack import pack
+from shard_tools.pack_resume import STATE_NAME
 from shard_tools.samples import write_photo_tree
 from shard_tools.sources import key_for
 from shard_tools.verify import verify

@@ -22,9 +22,8 @@ from shard_tools.format import (
     decode_class,
     decode_label,
     index_name,
-    read_manifest,
-    shard_paths,
 )
+from shard_tools.manifest import read_manifest, shard_paths
 
 DIGIT_TARGETS = load_digits().target
 

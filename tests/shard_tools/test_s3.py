@@ -22,7 +22,8 @@ from shard_tools import push as push_module
 from shard_tools import s3
 from shard_tools.cli import main
 from shard_tools.files import sha256_file
-from shard_tools.format import MANIFEST_NAME, SPLITS, ShardFormatError, index_name, parse_index, read_manifest
+from shard_tools.format import MANIFEST_NAME, SPLITS, ShardFormatError, index_name, parse_index
+from shard_tools.manifest import read_manifest
 from shard_tools.pack import pack
 
 REPO = Path(__file__).resolve().parents[2]

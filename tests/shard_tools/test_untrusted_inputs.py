@@ -19,9 +19,11 @@ import shard_tools.pack as pack_module
 import shard_tools.writer as writer_module
 from shard_tools.cli import main
 from shard_tools.files import sha256_file
-from shard_tools.format import MANIFEST_NAME, TRAIN_LABELED, read_manifest
+from shard_tools.format import MANIFEST_NAME, TRAIN_LABELED
 from shard_tools.imaging import DEFAULT_MAX_PIXELS
-from shard_tools.pack import STATE_NAME, pack
+from shard_tools.manifest import read_manifest
+from shard_tools.pack import pack
+from shard_tools.pack_resume import STATE_NAME
 from shard_tools.samples import write_photo_tree
 from shard_tools.verify import verify
 from shard_tools.writer import sample_members, write_shard

@@ -23,8 +23,8 @@ from shard_tools.format import (
     ShardFormatError,
     index_name,
     parse_index,
-    read_manifest,
 )
+from shard_tools.manifest import read_manifest
 from shard_tools.resplit import MARKER_NAME
 
 

@@ -112,7 +112,8 @@ def part_data(ctx: Context) -> None:
 def repeated_photo_shards(ctx: Context, unlabeled_rows: int) -> Path:
     """The photo shards, or for a batch their unlabeled split cannot fill four times over, a bigger set:
     the same JPEGs hard-linked under several names (decoding costs the same) and packed with the defaults."""
-    from shard_tools.format import TRAIN_UNLABELED, read_manifest
+    from shard_tools.format import TRAIN_UNLABELED
+    from shard_tools.manifest import read_manifest
     from shard_tools.pack import pack
 
     data = ctx.need_data()
