@@ -83,8 +83,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def _start_forkserver() -> None:
     """Start the forkserver (a no-op while it runs) with the parent's main for _run_parent_main."""
     data = spawn.get_preparation_data("ignore")
-    main = {key: data[key] for key in _MAIN_KEYS if key in data}
-    os.environ[_PARENT_MAIN] = json.dumps({"parent": os.getpid(), **main})
+    setting = json.dumps({"parent": os.getpid(), **{key: data[key] for key in _MAIN_KEYS if key in data}})
+    if len(setting) < 65536:  # below Linux's limit on one variable; past it, each worker runs the main itself
+        os.environ[_PARENT_MAIN] = setting
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
