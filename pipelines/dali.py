@@ -201,7 +201,7 @@ def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size
         return (*[view_graph(image, shape, spec, gpu) for spec in specs], labels, *keys)
 
     global pipelines_built
-    pipelines_built = True  # DALI's native threads now live in this process: no more plain fork (torch_loader)
+    pipelines_built = True  # DALI's native threads live here now: no plain fork (pipelines.workers)
     pipe = graph(checkpoint=checkpoint) if checkpoint is not None else graph()
     try:
         pipe.build()

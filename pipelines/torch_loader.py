@@ -7,12 +7,7 @@ cv2.transform, and writes whole batches into shared memory, so the main process 
 
 from __future__ import annotations
 
-import functools
 import math
-import multiprocessing
-import multiprocessing.forkserver
-import signal
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -33,7 +28,7 @@ from pipelines.mixing import (
     worker_quotas,
 )
 from pipelines.reading import Sample, Split, draws
-from shard_tools import storage
+from pipelines.workers import make_dataloader, storage_environment, worker_context, worker_start
 
 # OpenCV decodes to BGR; this column permutation makes a colour matrix read BGR and write RGB
 _BGR_TO_RGB = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.float64)
@@ -195,25 +190,6 @@ def _guarded(batches: Iterator[dict]) -> Iterator[dict]:
         yield {"_error": str(exc)}
 
 
-def _storage_environment(request: LoaderRequest) -> dict[str, str] | None:
-    """The AWS settings the workers need when the set is in object storage (None for a local set)."""
-    urls = [split.shards[0] for split in (request.labeled, request.unlabeled, request.val) if split.shards]
-    return storage.environment(urls[0]) if urls else None
-
-
-def _worker_start(storage_environment: dict[str, str] | None) -> int:
-    """Set up a worker (or the main process when workers=0); its worker number."""
-    info = get_worker_info()
-    cv2.setNumThreads(1)  # each worker is one core's worth of parallelism
-    if info is not None:
-        # a forked worker inherits the trainer's SIGTERM handler (a stop flag): restore the default so a
-        # pre-empted worker ends, as a forkserver one does, and the trainer reopens the loader at its position
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        # a forkserver started before the AWS settings were (a notebook, a test) passed on stale ones
-        storage.apply_environment(storage_environment)
-    return info.id if info is not None else 0
-
-
 class TrainStream(IterableDataset):
     """Per-worker producer of finished two-view batches (L labeled rows, then U unlabeled)."""
 
@@ -226,7 +202,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.workers = request.rank, request.world_size, max(cfg.workers, 1)
         self.epoch = 0
         self.starts: list[list[int]] | None = None  # per worker: batches, labeled and unlabeled draws to skip
-        self.storage_environment = _storage_environment(request)
+        self.storage_environment = storage_environment(request)
 
     def quotas(self) -> list[int]:
         split, rows = (self.unlabeled, self.unlabeled_rows) if self.unlabeled_rows else (self.labeled, self.labeled_rows)
@@ -242,7 +218,7 @@ class TrainStream(IterableDataset):
         return Draws(split, samples, (self.seed, self.epoch, self.rank, worker, tag), self.shuffle_buffer)
 
     def __iter__(self) -> Iterator[dict]:
-        return _guarded(self._batches(_worker_start(self.storage_environment)))
+        return _guarded(self._batches(worker_start(self.storage_environment)))
 
     def _batches(self, worker: int) -> Iterator[dict]:
         labeled_rows, batch_size = self.labeled_rows, self.labeled_rows + self.unlabeled_rows
@@ -287,7 +263,7 @@ class ValStream(IterableDataset):
         self.split, self.spec, self.batch_size = request.val, request.eval_spec, request.cfg.eval_batch_size
         self.rank, self.world_size, self.workers = request.rank, request.world_size, max(request.cfg.workers, 1)
         self.with_keys = request.with_keys
-        self.storage_environment = _storage_environment(request)
+        self.storage_environment = storage_environment(request)
 
     def samples(self, worker: int, rank: int | None = None) -> range:
         rank = self.rank if rank is None else rank
@@ -299,7 +275,7 @@ class ValStream(IterableDataset):
                    for r in range(self.world_size))
 
     def __iter__(self) -> Iterator[dict]:
-        return _guarded(self._batches(_worker_start(self.storage_environment)))
+        return _guarded(self._batches(worker_start(self.storage_environment)))
 
     def _batches(self, worker: int) -> Iterator[dict]:
         rng = np.random.default_rng(0)  # eval views draw nothing random; kept for the shared signature
@@ -335,62 +311,11 @@ def _val_batch(images: torch.Tensor, labels: list[int], batch_size: int, skipped
     return batch
 
 
-def fork_is_safe() -> bool:
-    """Plain fork, the fastest worker start and the fastest workers, is safe until DALI or CUDA runs here."""
-    dali = sys.modules.get("pipelines.dali")
-    return (
-        "fork" in multiprocessing.get_all_start_methods()
-        and not getattr(dali, "pipelines_built", False)
-        and not torch.cuda.is_initialized()
-        # mt-train's pre-emption handling (mt_scale.preemption) is tested with forkserver workers
-        and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
-    )
-
-
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Where DataLoader workers start: plain fork while that is safe, else a forkserver.
-
-    Forking the training process is unsafe once DALI (or CUDA) has run in it: its native threads are
-    not copied and the children can crash. Then workers start from a forkserver that has imported the
-    main module and this one (as with spawn, a script that builds loaders then needs the
-    `if __name__ == "__main__":` guard). Forked workers render about twice as fast as forkserver ones
-    on the 2-core CPU machine (docs/performance.md), so fork stays the default where it is safe.
-    """
-    if fork_is_safe():
-        return multiprocessing.get_context("fork")
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    return _forkserver_context()
-
-
-@functools.cache
-def _forkserver_context() -> multiprocessing.context.BaseContext:
-    context = multiprocessing.get_context("forkserver")
-    # a `python -m package.module` main is re-run in every worker: importing it in the server first
-    # leaves the workers only its body to run ("__main__" covers script paths on Pythons that honour it)
-    main_name = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
-    extra = [main_name] if main_name and not main_name.endswith("__main__") else []
-    context.set_forkserver_preload(["__main__", __name__, *extra])
-    return context
-
-
-def make_dataloader(dataset: IterableDataset, workers: int) -> DataLoader:
-    """A DataLoader whose workers yield finished batches (batch_size=None), started per epoch."""
-    context = worker_context() if workers else None
-    if context is not None and context.get_start_method() == "fork":
-        # a child forked from a process whose OpenCV thread pool exists hangs in its first
-        # cv2.setNumThreads: one thread here (the main process does no image work) before forking
-        cv2.setNumThreads(1)
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if workers else None, persistent_workers=False,
-                      multiprocessing_context=context)
-
-
 def build_torch_loaders(request: LoaderRequest) -> tuple[TrainLoader, ValLoader]:
     """The torch backend behind pipelines.loaders' contract."""
     cfg = request.cfg
-    if cfg.workers and not fork_is_safe() and worker_context().get_start_method() == "forkserver":
-        multiprocessing.forkserver.ensure_running()  # starts now, importing while the caller builds its model
+    if cfg.workers:
+        worker_context()  # a forkserver, where needed, starts now: it imports while the model is built
     stream = TrainStream(request)
 
     def open_epoch(epoch: int, starts: list[list[int]]) -> DataLoader:

@@ -152,8 +152,8 @@ def bench_pipeline(
         rates: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
         counts: dict[str, int] = {}
         # DALI's contenders go last, as a group of their own: once a DALI pipeline has run in this
-        # process, the torch backend starts its workers from a forkserver (pipelines.torch_loader), which a
-        # user training with the torch backend (`auto` on a CPU machine) never does.
+        # process, the torch backend starts its workers from a forkserver (pipelines.workers), so the
+        # torch contenders are timed with the forked workers a process without DALI gets.
         groups = [[c for c in contenders if not c[0].startswith("pipeline/dali")],
                   [c for c in contenders if c[0].startswith("pipeline/dali")]]
         for group in (g for g in groups if g):
