@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shard_tools.files import atomic_output, atomic_write
+from shard_tools.files import atomic_write
 
 if TYPE_CHECKING:
     from mt_scale.config import Config
@@ -137,6 +137,8 @@ def plot_comparison(summary: dict[str, dict[str, dict[str, float]]], path: str |
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from mt_scale.report import save_figure
+
     groups = [*summary.keys(), "mean"]
     bars = [
         ("mean_teacher", "teacher_top1_error", "Mean Teacher: teacher", "tab:blue"),
@@ -158,13 +160,7 @@ def plot_comparison(summary: dict[str, dict[str, dict[str, float]]], path: str |
     ax.set_title(f"digits, {LABELS_PER_CLASS * 10} labels: Mean Teacher vs supervised only")
     ax.legend(fontsize=8, ncol=2, loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_output(path) as temp:
-            fig.savefig(temp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary_text(summary: dict[str, dict[str, dict[str, float]]], out_dir: str | Path, seconds: float) -> str:

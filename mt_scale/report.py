@@ -214,11 +214,15 @@ def best_errors(rows: list[dict]) -> dict[str, float | None]:
 
 def plot_curves(run_dir: str | Path, title: str = "") -> Path:
     """curves.png from the run's metrics.csv (see `curves_figure`)."""
+    run_dir = Path(run_dir)
+    return save_figure(curves_figure(read_metrics(run_dir / METRICS_NAME), title=title), run_dir / CURVES_NAME)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG under a temporary name, then rename; the figure is closed."""
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    fig = curves_figure(read_metrics(run_dir / METRICS_NAME), title=title)
-    path = run_dir / CURVES_NAME
+    path = Path(path)
     try:
         with atomic_output(path) as temp:
             fig.savefig(temp, dpi=100, format="png")

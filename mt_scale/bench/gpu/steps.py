@@ -171,10 +171,14 @@ class StepRig:
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
+        self._forget(batch)
+        return False
+
+    def _forget(self, batch: int) -> None:
+        """After running out of memory at `batch`: drop its step, the gradients and the cached blocks."""
         self._steps.pop(batch, None)
         self.parts.optimizer.zero_grad(set_to_none=True)
         release_memory()
-        return False
 
     def rates_backing_off(self, batch: int, tries: int = 4) -> tuple[int, dict]:
         """rates() at `batch`, or at 1/8 less each time it runs out of memory."""
@@ -184,9 +188,7 @@ class StepRig:
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
-            self._steps.pop(batch, None)
-            self.parts.optimizer.zero_grad(set_to_none=True)
-            release_memory()
+            self._forget(batch)
             batch = max(8, batch * 7 // 8 // 8 * 8)
         raise MtScaleError(f"out of memory even at {batch} rows")
 
