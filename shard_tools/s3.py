@@ -41,7 +41,8 @@ _CLIENT_ENVIRONMENT = (
     "AWS_RETRY_MODE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED",
 )
 
-_clients: dict[tuple[int, str], tuple[object, int]] = {}
+_clients: dict[tuple[int, str], tuple[object, int]] = {}  # per process: a client's connections are its own
+_sessions: dict[str, tuple[object, object, int]] = {}  # per environment, shared with forked children
 _clients_lock = threading.Lock()
 
 
@@ -87,7 +88,15 @@ def _environment_fingerprint() -> str:
     return hashlib.sha256(values.encode()).hexdigest()
 
 
-def _build_client() -> tuple[object, int]:
+def _session(fingerprint: str) -> tuple[object, object, int]:
+    """The boto3 session, client config and attempt count for one AWS environment, built once.
+
+    Kept across fork (a session holds no connections): a loader worker, started anew each epoch, then
+    builds its client from the loaded service model in ~20 ms instead of ~200 ms.
+    """
+    entry = _sessions.get(fingerprint)
+    if entry is not None:
+        return entry
     import botocore.session
     from boto3.session import Session
     from botocore.config import Config
@@ -104,7 +113,13 @@ def _build_client() -> tuple[object, int]:
         read_timeout=READ_TIMEOUT_S,
         max_pool_connections=MAX_POOL_CONNECTIONS,
     )
-    return Session(botocore_session=core).client("s3", config=config), attempts
+    entry = _sessions[fingerprint] = (Session(botocore_session=core), config, attempts)
+    return entry
+
+
+def _build_client(fingerprint: str) -> tuple[object, int]:
+    session, config, attempts = _session(fingerprint)
+    return session.client("s3", config=config), attempts  # type: ignore[attr-defined]
 
 
 def _client_and_attempts() -> tuple[object, int]:
@@ -114,7 +129,7 @@ def _client_and_attempts() -> tuple[object, int]:
         with _clients_lock:
             entry = _clients.get(key)
             if entry is None:
-                entry = _clients[key] = _build_client()
+                entry = _clients[key] = _build_client(key[1])
     return entry
 
 
@@ -128,6 +143,7 @@ def reset_client() -> None:
     """Drop cached clients: the next call builds one from the environment as it is now."""
     with _clients_lock:
         _clients.clear()
+        _sessions.clear()
 
 
 def _endpoint() -> str:
