@@ -61,6 +61,21 @@ def _cli_error(capsys, argv: list[str]) -> str:
     return err
 
 
+def _fail_uploads_after(uploads: int, monkeypatch) -> object:
+    """Make push's uploads fail once `uploads` have gone through; returns the real upload to restore."""
+    real_upload = s3.upload_file
+    done: list[str] = []
+
+    def upload_then_fail(path, target, **kwargs):
+        if len(done) == uploads:
+            raise ShardFormatError(f"{target}: injected failure")
+        real_upload(path, target, **kwargs)
+        done.append(target)
+
+    monkeypatch.setattr(push_module.s3, "upload_file", upload_then_fail)
+    return real_upload
+
+
 def test_parse_url():
     assert s3.parse_url("s3://bucket/prefix/name.tar") == ("bucket", "prefix/name.tar")
     assert s3.parse_url("s3://bucket") == ("bucket", "")
@@ -132,16 +147,7 @@ def test_reads_give_the_local_bytes(s3_env: str, digits_set: Path):
 
 def test_push_interrupted_by_a_failure_resumes(s3_env: str, digits_set: Path, monkeypatch):
     url = f"{s3_env}/interrupted"
-    real_upload = s3.upload_file
-    done: list[str] = []
-
-    def upload_then_fail(path, target, **kwargs):
-        if len(done) == 3:
-            raise ShardFormatError(f"{target}: injected failure")
-        real_upload(path, target, **kwargs)
-        done.append(target)
-
-    monkeypatch.setattr(push_module.s3, "upload_file", upload_then_fail)
+    real_upload = _fail_uploads_after(3, monkeypatch)
     with pytest.raises(ShardFormatError, match="injected failure"):
         push_module.push(digits_set, url, workers=1, progress=False)
     assert len(s3.list_names(url)) == 3 and MANIFEST_NAME not in s3.list_names(url)  # a reader sees no set
@@ -452,16 +458,7 @@ def test_pack_to_s3_resumes_the_push_without_packing_again(s3_env: str, digits_s
     from shard_tools.pack_s3 import pack_to_s3, staging_folder
 
     url = f"{s3_env}/resumed"
-    real_upload = s3.upload_file
-    done: list[str] = []
-
-    def upload_then_fail(path, target, **kwargs):
-        if len(done) == 3:
-            raise ShardFormatError(f"{target}: injected failure")
-        real_upload(path, target, **kwargs)
-        done.append(target)
-
-    monkeypatch.setattr(push_module.s3, "upload_file", upload_then_fail)
+    real_upload = _fail_uploads_after(3, monkeypatch)
     options = dict(labels_per_class=5, workers=1, progress=False, push_workers=1)
     with pytest.raises(ShardFormatError, match="injected failure"):
         pack_to_s3("digits", url, **options)
