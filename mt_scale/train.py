@@ -7,7 +7,6 @@ pre-emption) is in docs/design.md.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -45,7 +44,7 @@ from mt_scale.report import (
     write_report,
     written,
 )
-from mt_scale.train_eval import checked_label_rows, evaluate_run
+from mt_scale.train_eval import LabelCheck, evaluate_run
 from shard_tools.files import atomic_write
 
 if TYPE_CHECKING:
@@ -91,6 +90,7 @@ class Run:
     steps_per_epoch: int
     batches_per_epoch: int
     images_per_batch: int  # student rows per batch over all ranks
+    labels: LabelCheck
     window: LossWindow = field(default_factory=LossWindow)
     last_eval: dict[str, float] = field(default_factory=dict)
     stopped_by: str | None = None  # "stop_after_steps" or the signal's name
@@ -207,7 +207,7 @@ def _setup(
         stop=stop, keep=keep, progress=progress, stop_after_steps=stop_after_steps, loaders=loaders,
         parts=parts, step=MeanTeacherStep.create(cfg, accelerator, *parts), state=state, metrics=metrics,
         steps_per_epoch=steps_per_epoch, batches_per_epoch=steps_per_epoch * cfg.run.grad_accum_steps,
-        images_per_batch=images,
+        images_per_batch=images, labels=LabelCheck(loaders.num_classes, cfg.run.shards, "training"),
     )  # fmt: skip
 
 
@@ -224,7 +224,12 @@ def _steps_per_epoch(cfg: Config, accelerator: Accelerator, loaders: Loaders) ->
 
 
 def _train_epoch(run: Run, bar: tqdm) -> None:
-    """The rest of the current epoch, one step per batch; stops early at an agreed step boundary."""
+    """The rest of the current epoch, one step per batch; stops early at an agreed step boundary.
+
+    Between log steps nothing here waits for the device: the loss terms add up on the device, the
+    labels are checked on the host before the step moves them, and the divergence check and the
+    ranks' agreement on a stop request come at log steps (and before every checkpoint).
+    """
     state, cfg = run.state, run.cfg
     run.loaders.set_epoch(state.epoch)
     batches = iter(run.loaders.train)
@@ -232,8 +237,7 @@ def _train_epoch(run: Run, bar: tqdm) -> None:
         batch_start = time.perf_counter()
         batch, batches = next_batch(batches, run.loaders, run.stop)
         epoch = state.epoch + state.batch_in_epoch / run.batches_per_epoch
-        checked_label_rows(batch["label"][: run.step.student_rows], run.loaders.num_classes, cfg.run.shards,
-                           "training")  # fmt: skip
+        run.labels.check(batch["label"][: run.step.student_rows])
         out = run.step(batch, state.step, epoch)
         state.batch_in_epoch += 1
         state.images_seen += run.images_per_batch
@@ -242,23 +246,32 @@ def _train_epoch(run: Run, bar: tqdm) -> None:
         if not out.stepped:
             continue
         state.step = out.step
-        if not math.isfinite(run.window.sums["total"]):
-            raise MtScaleError(
-                f"loss is {run.window.sums['total']} at step {state.step}: training diverged; lower optim.lr "
-                "(or mt.consistency_weight) in the preset"
-            )
         bar.update(1)
-        if state.step % cfg.run.log_every_steps == 0 or state.step == run.total_steps:
+        at_log_step = state.step % cfg.run.log_every_steps == 0 or state.step == run.total_steps
+        if at_log_step:
+            _check_window(run)
             _log_train(run, out.consistency_weight, epoch, bar)
-        # A step boundary: every rank takes the same decision here (the SIGTERM flag is all-reduced).
+        # A step boundary: every rank takes the same decision here (the SIGTERM flag is all-reduced at
+        # log steps; a single process reads its own flag every step).
         if run.stop_after_steps is not None and state.step >= run.stop_after_steps:
             run.stopped_by = "stop_after_steps"
-        elif run.stop.agreed(run.accelerator):
+        elif run.stop.agreed(run.accelerator, exchange=at_log_step):
             run.stopped_by = run.stop.signal_name or "SIGTERM"  # signalled on another rank
         if run.stopped_by is not None:
             return
     state.epoch += 1
     state.batch_in_epoch = 0
+
+
+def _check_window(run: Run) -> None:
+    """One host read of the window: stop with one line if a loss term went non-finite or a label was bad."""
+    run.labels.raise_if_bad()
+    if not run.window.finite():
+        total = run.window.read().get("total")
+        raise MtScaleError(
+            f"loss is {total} by step {run.state.step}: training diverged; lower optim.lr "
+            "(or mt.consistency_weight) in the preset"
+        )
 
 
 def _log_train(run: Run, weight: float, epoch: float, bar: tqdm) -> None:
@@ -331,6 +344,7 @@ def _write_outputs(run: Run, wall: float) -> dict[str, Any]:
 
 
 def _checkpoint(run: Run) -> Path:
+    _check_window(run)  # never checkpoint a diverged run
     return save_checkpoint(run.accelerator, run.run_dir, run.state, run.loaders, run.parts.teacher,
                            keep=run.keep, model_name=run.cfg.model.name,
                            num_classes=run.loaders.num_classes)  # fmt: skip
