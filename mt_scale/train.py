@@ -174,16 +174,16 @@ def _setup(
 ) -> Run:
     """This rank's config, loaders, models and step; the checkpoint resumed; config.yaml and logs opened."""
     from mt_scale.config import config_to_dict, config_to_yaml, plan_devices, resolve_for_devices
+    from mt_scale.memory import agreed_device_limit
     from mt_scale.step import MeanTeacherStep, create_training
     from pipelines import build_loaders
 
     resolved, resolved_yaml = config_to_dict(cfg), config_to_yaml(cfg)
-    plan = plan_devices(cfg, accelerator.num_processes)
-    cfg = resolve_for_devices(cfg, accelerator.num_processes, accelerator.process_index)
+    measured = agreed_device_limit(cfg, accelerator)
+    plan = plan_devices(cfg, accelerator.num_processes, measured)
+    cfg = resolve_for_devices(cfg, accelerator.num_processes, accelerator.process_index, measured)
     accelerator.gradient_accumulation_steps = cfg.run.grad_accum_steps
-    accelerator.print(f"batch: {plan.global_batch} per step ({plan.global_labeled} labeled) = "
-                      f"{plan.world_size} devices x {plan.grad_accum_steps} micro-batches x "
-                      f"{plan.device_batch}; peak lr {plan.lr:g}")  # fmt: skip
+    accelerator.print(plan.summary())
     loaders = build_loaders(
         cfg.run.shards, cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes
     )
@@ -202,10 +202,12 @@ def _setup(
     accelerator.init_trackers(TRACKER_PROJECT, config=flat_hparams(resolved))
     # Supervised-only, the student takes the labeled rows alone (which may differ by one between ranks).
     images = plan.device_batch * plan.world_size if cfg.mt.enabled else sum(plan.labeled_per_rank)
+    step = MeanTeacherStep.create(cfg, accelerator, *parts)
+    accelerator.print(f"step: {step.mode}")
     return Run(
         cfg=cfg, resolved=resolved, plan=plan, accelerator=accelerator, run_dir=Path(cfg.run.output_dir),
         stop=stop, keep=keep, progress=progress, stop_after_steps=stop_after_steps, loaders=loaders,
-        parts=parts, step=MeanTeacherStep.create(cfg, accelerator, *parts), state=state, metrics=metrics,
+        parts=parts, step=step, state=state, metrics=metrics,
         steps_per_epoch=steps_per_epoch, batches_per_epoch=steps_per_epoch * cfg.run.grad_accum_steps,
         images_per_batch=images, labels=LabelCheck(loaders.num_classes, cfg.run.shards, "training"),
     )  # fmt: skip
@@ -336,6 +338,7 @@ def _write_outputs(run: Run, wall: float) -> dict[str, Any]:
     )  # fmt: skip
     report["config"] = run.resolved
     report["batch"] = run.plan.as_dict()  # what the run used: per device, accumulation, global, lr
+    report["step_mode"] = run.step.mode  # CUDA graph or eager, and why
     write_report(run_dir, report)
     title = f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}"
     written(run_dir / CURVES_NAME, lambda: plot_curves(run_dir, title=title))

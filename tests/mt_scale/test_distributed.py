@@ -27,6 +27,8 @@ from mt_scale.config import load_config
 from mt_scale.train import train
 
 out, shards = Path(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, sys.argv[3])
+from sync_counter import SyncCounter
 labeled_rows = 16
 seen = {"labeled": [], "unlabeled": [], "val": []}
 build = pipelines.build_loaders
@@ -55,7 +57,13 @@ cfg = load_config("digits-demo", overrides=[
     "optim.lr_rampdown_epochs=1", "run.eval_every_epochs=0", "run.log_every_steps=2",
     f"data.labeled_per_batch={labeled_rows}",
 ])
-result = train(cfg, progress=False)  # ends the process group: the rank comes from the launcher
+with SyncCounter() as counter:
+    result = train(cfg, progress=False)  # ends the process group: the rank comes from the launcher
+steps = counter.stepped[-1]
+allowed = {*range(2, steps + 1, 2), steps}  # log steps (every 2) and the end
+seen["waits"] = {"stepped": counter.stepped, "reads": counter.between(counter.reads, allowed),
+                 "collectives": counter.between(counter.collectives, allowed),
+                 "at_log_steps": [counter.at(counter.collectives, step) for step in range(2, steps, 2)]}
 torch.save({"teacher": result.teacher.state_dict(), "final": result.final, "seen": seen},
            out / f"rank{os.environ['RANK']}.pt")
 """
@@ -76,12 +84,18 @@ def test_two_cpu_processes_train_one_teacher(digits_shards: Path, tmp_path: Path
     done = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         str(script), str(tmp_path), str(digits_shards)],
+         str(script), str(tmp_path), str(digits_shards), str(Path(__file__).parent)],
         capture_output=True, text=True, timeout=400, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["seen"]["world"] == ranks[1]["seen"]["world"] == [2, "gloo"]
+    # between log steps neither rank read a computed tensor or joined a collective; at each log step
+    # the one collective is the stop flag's all-reduce
+    for rank in ranks:
+        waits = rank["seen"]["waits"]
+        assert waits["stepped"] == list(range(1, 13)) and waits["reads"] == {} and waits["collectives"] == {}
+        assert waits["at_log_steps"] == [1] * 5
 
     # the same teacher (parameters and averaged BatchNorm statistics) and the same scores on both ranks
     teacher0, teacher1 = ranks[0]["teacher"], ranks[1]["teacher"]
