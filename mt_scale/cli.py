@@ -1,15 +1,15 @@
-"""Console entry points and their argument parsers: `mt-train`, `mt-bench` and the demo.
+"""Console entry points and their argument parsers: `mt-train` and `mt-bench`. Nothing imports this module.
 
 `mt-train ARGS` runs one process, exactly `accelerate launch -m mt_scale.train ARGS` with a
 single-process configuration; for several processes, GPUs or nodes use `accelerate launch` with
-its own flags or config file (docs/multinode.md) and the same ARGS.
+its own flags or config file (docs/multinode.md) and the same ARGS. `python -m mt_scale.train` runs
+this module as its main program (the training module does not import it back).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -163,26 +163,5 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def demo_main(argv: list[str] | None = None) -> int:
-    """`make demo` (python -m mt_scale.demo): Mean Teacher vs the supervised baseline on the digits."""
-    from mt_scale import demo
-
-    parser = argparse.ArgumentParser(prog="python -m mt_scale.demo", description=demo.__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(demo.DEMO_DIR), help=f"demo folder (default {demo.DEMO_DIR})")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(demo.SEEDS))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
-    def run() -> int:
-        started = time.perf_counter()
-        summary = demo.run_demo(args.out, seeds=args.seeds, overrides=args.overrides,
-                                progress=not args.no_progress)  # fmt: skip
-        print(demo.summary_text(summary, args.out, time.perf_counter() - started))
-        return 0
-
-    return run_cli("demo", run, os_hint="choose a writable --out folder with free space")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m mt_scale.cli, and python -m mt_scale.train through runpy
     sys.exit(train_main())

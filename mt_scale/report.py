@@ -117,7 +117,7 @@ def open_run_dir(accelerator: Accelerator, run_dir: Path, *, resuming: bool) -> 
     return created
 
 
-def written(path: Path, write: Callable[[], Any]) -> Any:
+def write_or_fail(path: Path, write: Callable[[], Any]) -> Any:
     """`write()`, with an OS error or a library's write failure turned into one line naming `path`."""
     try:
         return write()

@@ -67,7 +67,7 @@ def update_teacher(
         torch._foreach_mul_(teacher_params, alpha)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - alpha)
     if sync_buffers:
-        sync_teacher_buffers(teacher)
+        average_buffers_over_ranks(teacher)
     return alpha
 
 
@@ -83,11 +83,11 @@ def ema_update_loop(teacher: nn.Module, student: nn.Module, decay: float, step: 
 
 
 @torch.no_grad()
-def sync_teacher_buffers(teacher: nn.Module) -> None:
-    """Average the teacher's floating-point buffers over all ranks; a no-op in a single process."""
+def average_buffers_over_ranks(module: nn.Module) -> None:
+    """Average any module's floating-point buffers (BatchNorm statistics) over all ranks; a no-op in one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    buffers = [b for b in teacher.buffers() if b.is_floating_point()]
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
     if not buffers:
         return
     flat = torch.cat([b.reshape(-1).float() for b in buffers])

@@ -14,10 +14,10 @@ from torch import nn
 
 from mt_scale.losses import mean_teacher_loss
 from mt_scale.teacher import (
+    average_buffers_over_ranks,
     create_teacher,
     ema_alpha,
     ema_update_loop,
-    sync_teacher_buffers,
     update_teacher,
 )
 
@@ -136,7 +136,7 @@ def test_batchnorm_buffers_follow_the_teachers_own_forward_passes():
     assert torch.allclose(bn.running_mean, 0.1 * hidden.mean(0), atol=1e-6)
     assert torch.allclose(bn.running_var, 0.9 + 0.1 * hidden.var(0, unbiased=True), atol=1e-6)
     assert bn.num_batches_tracked.item() == 1
-    sync_teacher_buffers(teacher)  # single process: a no-op
+    average_buffers_over_ranks(teacher)  # single process: a no-op
     assert torch.allclose(bn.running_mean, 0.1 * hidden.mean(0), atol=1e-6)
 
 
