@@ -3,7 +3,8 @@
 Every import statement counts, at module level, inside functions and under TYPE_CHECKING alike: a
 cycle held apart by a late import is still two modules that each need the other. Importing
 `a.b.c` also runs the packages `a.b` and `a` (their `__init__`), so those are edges too, except the
-importer's own packages, which are already running when it is imported.
+importer's own packages, which are already running when it is imported (unless it imports one of
+them outright: `from pipelines import X` inside pipelines needs pipelines' `__init__` done).
 """
 
 from __future__ import annotations
@@ -65,8 +66,12 @@ def import_graph() -> dict[str, set[str]]:
             target = resolve(name)
             if target is None:
                 continue
-            own = set(ancestors(module)) | {module}
-            edges.update(m for m in [*ancestors(target), target] if m in MODULES and m not in own)
+            # The packages above the target run first, except those above the importer (already running);
+            # a package named outright is an edge even when it holds the importer.
+            own = {module, *ancestors(module)}
+            edges.update(m for m in ancestors(target) if m in MODULES and m not in own)
+            if target != module:
+                edges.add(target)
         graph[module] = edges
     return graph
 

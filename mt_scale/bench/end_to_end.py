@@ -3,8 +3,9 @@
 The loop is `mt_scale.train.train` on a packed set (by default the digits, packed as
 `mt-shard pack digits --labels-per-class 5` packs them) with the preset's loaders and logging
 cadence, no evaluation or checkpoint between epochs, one checkpoint at the end. Its rate is its own
-report's `images_per_sec`: images seen / seconds spent in training batches, loading included; setup,
-the final evaluation, checkpoint and export are not in it.
+report's `images_per_sec`: images seen / `train_seconds`, the seconds from asking the loader for each
+batch to the step's return (loading, the label check and the step); setup, the loss bookkeeping and
+log rows after each step, the final evaluation, checkpoint and export are not in it.
 
 The bare step is the same `MeanTeacherStep`, built as the loop builds it, run over the same batches
 from the same loader (fetched into memory first), for the same number of steps, timed from its

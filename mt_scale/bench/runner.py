@@ -40,7 +40,8 @@ STAGES: dict[str, Stage] = {
     "pack": Stage(pack.PackOptions, pack.run, "packing vs a plain TarWriter loop"),
     "pipeline": Stage(pipeline.PipelineOptions, pipeline.run, "two-view loaders vs the reference",
                       plot=pipeline.plot_pipeline),  # fmt: skip
-    "train": Stage(train.TrainOptions, train.run, "Mean Teacher step vs the plain supervised step"),
+    "train": Stage(train.TrainOptions, train.run,
+                   "Mean Teacher step vs the plain supervised step; the training loop vs the step"),
     "ema": Stage(ema.EmaOptions, ema.run, "fused EMA update vs the per-parameter loop"),
 }
 
