@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -27,12 +27,38 @@ from mt_scale.teacher import ema_alpha
 
 if TYPE_CHECKING:
     from mt_scale.config import Config
-    from mt_scale.step import MeanTeacherStep, StepMetrics
 
 WARMUP_WINDOWS = 11  # eager optimizer steps before capture (DDP's requirement for captured collectives)
 
 
-def graph_unsupported(step: MeanTeacherStep, cfg: Config) -> str | None:
+class GraphableStep(Protocol):
+    """What the graphs use of mt_scale.step.MeanTeacherStep (which builds them)."""
+
+    accelerator: Any
+    student: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    mt: Any
+    student_rows: int
+
+    def inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def compute(self, inputs: Mapping[str, torch.Tensor], weight: float | torch.Tensor,
+                ema_alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]: ...  # fmt: skip
+
+    def eager(self, batch: Mapping[str, torch.Tensor], step_index: int, weight: float) -> Any: ...
+
+
+@dataclasses.dataclass
+class Replayed:
+    """What one replay did: the loss terms (the graph's own tensors), the step count, whether it stepped."""
+
+    losses: dict[str, torch.Tensor]
+    step: int
+    stepped: bool
+
+
+def graph_unsupported(step: GraphableStep, cfg: Config) -> str | None:
     """Why `step` cannot be captured here (the eager line's reason), or None when it can."""
     if step.accelerator.device.type != "cuda":
         return "no CUDA device"
@@ -58,7 +84,7 @@ class Captured:
 class StepGraphs:
     """Captures `step` once per input shape and replays it; returns None where the call runs eager."""
 
-    def __init__(self, step: MeanTeacherStep) -> None:
+    def __init__(self, step: GraphableStep) -> None:
         self.step = step
         device = step.accelerator.device
         self.window = step.accelerator.gradient_accumulation_steps
@@ -84,7 +110,9 @@ class StepGraphs:
     def _groups(self) -> list[dict]:
         return getattr(self.step.optimizer, "optimizer", self.step.optimizer).param_groups
 
-    def __call__(self, batch: Mapping[str, torch.Tensor], step_index: int, weight: float) -> StepMetrics | None:
+    def __call__(self, batch: Mapping[str, torch.Tensor], step_index: int, weight: float) -> Any:
+        """The step's result (a Replayed, or the eager step's own on the warm-up's side stream), or
+        None where the caller runs the step eager."""
         position = self.calls % self.window
         self.calls += 1
         if self.reason is not None:
@@ -107,7 +135,7 @@ class StepGraphs:
                 return None
         return self._replay(captured[position], batch, step_index, weight)
 
-    def _on_side_stream(self, batch: Mapping[str, torch.Tensor], step_index: int, weight: float) -> StepMetrics:
+    def _on_side_stream(self, batch: Mapping[str, torch.Tensor], step_index: int, weight: float) -> Any:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -150,9 +178,7 @@ class StepGraphs:
 
     def _replay(
         self, captured: Captured, batch: Mapping[str, torch.Tensor], step_index: int, weight: float
-    ) -> StepMetrics:
-        from mt_scale.step import StepMetrics
-
+    ) -> Replayed:
         step = self.step
         for name, static in captured.inputs.items():
             static.copy_(batch[name][: step.student_rows], non_blocking=True)
@@ -166,7 +192,7 @@ class StepGraphs:
         if stepped:
             step.scheduler.step()
             step_index += 1
-        return StepMetrics(captured.losses, weight, step_index, stepped, step.student_rows)
+        return Replayed(captured.losses, step_index, stepped)
 
     def fill_alpha(self, step_index: int) -> torch.Tensor:
         """The EMA keep-fraction after optimizer step `step_index`, written to the device tensor."""

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from mt_scale.errors import MtScaleError
-from mt_scale.graph import StepGraphs, graph_unsupported
+from mt_scale.graph import Replayed, StepGraphs, graph_unsupported
 from mt_scale.losses import consistency_weight, mean_teacher_loss
 from mt_scale.teacher import move_towards_student, update_teacher
 
@@ -160,6 +160,8 @@ class MeanTeacherStep:
         weight = self.weight(epoch)
         if self.graphs is not None:
             out = self.graphs(batch, step_index, weight)
+            if isinstance(out, Replayed):
+                return StepMetrics(out.losses, weight, out.step, out.stepped, self.student_rows)
             if out is not None:
                 return out
         return self.eager(batch, step_index, weight)

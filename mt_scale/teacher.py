@@ -3,7 +3,7 @@
 After each optimizer step `update_teacher(teacher, student, ema_decay, step)` moves every parameter
 with one fused foreach lerp, alpha = min(1 - 1/(step + 1), ema_decay). BatchNorm statistics are the
 teacher's own (its train-mode forward passes). They are averaged over ranks where they are read
-(evaluation, checkpoint, export) by `sync_teacher_buffers`, not after every step: a running mean or
+(evaluation, checkpoint, export) by `average_buffers_over_ranks`, not after every step: a running mean or
 variance is an EMA of batch statistics, so the mean over ranks of the EMAs is the EMA of the rank
 means, and averaging when read gives the teacher that averaging every step would, with no collective
 per step (docs/design.md: training).
@@ -56,7 +56,7 @@ def update_teacher(teacher: nn.Module, student: nn.Module, decay: float, step: i
     """Move the teacher's parameters towards the student's; returns the alpha used.
 
     `step` is the optimizer step count AFTER the step just taken (1 after the first step). No
-    collective and no host read: the buffers are averaged where they are read (`sync_teacher_buffers`).
+    collective and no host read: the buffers are averaged where they are read (`average_buffers_over_ranks`).
     """
     alpha = ema_alpha(decay, step)
     move_towards_student(teacher, student, alpha)
@@ -97,11 +97,11 @@ def ema_update_loop(teacher: nn.Module, student: nn.Module, decay: float, step: 
 
 
 @torch.no_grad()
-def sync_teacher_buffers(teacher: nn.Module) -> None:
-    """Average the teacher's floating-point buffers over all ranks; a no-op in a single process."""
+def average_buffers_over_ranks(module: nn.Module) -> None:
+    """Average any module's floating-point buffers (BatchNorm statistics) over all ranks; a no-op in one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    buffers = [b for b in teacher.buffers() if b.is_floating_point()]
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
     if not buffers:
         return
     flat = torch.cat([b.reshape(-1).float() for b in buffers])

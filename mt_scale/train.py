@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +27,11 @@ from mt_scale.checkpoint import (
 )
 from mt_scale.config import Config
 from mt_scale.errors import MtScaleError
+from mt_scale.loss_window import LossWindow
 from mt_scale.preemption import StopRequest, next_batch
 from mt_scale.report import (
     CURVES_NAME,
     TRACKER_PROJECT,
-    LossWindow,
     MetricsWriter,
     build_report,
     eval_line,
@@ -41,8 +40,8 @@ from mt_scale.report import (
     plot_curves,
     summary_line,
     trackers,
+    write_or_fail,
     write_report,
-    written,
 )
 from mt_scale.train_eval import LabelCheck, evaluate_run
 from shard_tools.files import atomic_write
@@ -71,7 +70,7 @@ class TrainResult:
 
 @dataclass
 class Run:
-    """Everything one run holds from setup to finish (mt_scale.train_eval reads it too)."""
+    """Everything one run holds from setup to finish."""
 
     cfg: Config  # this rank's share (resolve_for_devices)
     resolved: dict[str, Any]  # the config as given: what config.yaml and report.json hold
@@ -301,7 +300,7 @@ def _end_epoch(run: Run, bar: tqdm) -> None:
     if done >= settings.epochs:
         return
     if settings.eval_every_epochs and done % settings.eval_every_epochs == 0:
-        run.last_eval = evaluate_run(run)
+        run.last_eval = _evaluate(run)
         if run.accelerator.is_main_process and run.progress:
             bar.write(eval_line(run.state.step, run.last_eval))
     if settings.checkpoint_every_epochs and done % settings.checkpoint_every_epochs == 0:
@@ -312,7 +311,7 @@ def _finish(run: Run) -> TrainResult:
     """The one way out: a final checkpoint; a completed run also evaluates, exports and reports."""
     wall = time.perf_counter() - run.started
     if run.stopped_by is None:
-        run.last_eval = evaluate_run(run)
+        run.last_eval = _evaluate(run)
     checkpoint = _checkpoint(run)
     report: dict[str, Any] = {}
     if run.stopped_by is not None:
@@ -330,7 +329,7 @@ def _finish(run: Run) -> TrainResult:
 def _write_outputs(run: Run, wall: float) -> dict[str, Any]:
     """The exported teacher, report.json and curves.png (main process); returns the report."""
     cfg, run_dir, teacher = run.cfg, run.run_dir, run.parts.teacher
-    export_path = written(run_dir / EXPORT_NAME, lambda: export_teacher(teacher, run_dir / EXPORT_NAME))
+    export_path = write_or_fail(run_dir / EXPORT_NAME, lambda: export_teacher(teacher, run_dir / EXPORT_NAME))
     report = build_report(
         cfg, run_dir, run.state, run.last_eval, total_steps=run.total_steps, wall_seconds=wall,
         world_size=run.accelerator.num_processes, device=str(run.accelerator.device),
@@ -341,9 +340,15 @@ def _write_outputs(run: Run, wall: float) -> dict[str, Any]:
     report["step_mode"] = run.step.mode  # CUDA graph or eager, and why
     write_report(run_dir, report)
     title = f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}"
-    written(run_dir / CURVES_NAME, lambda: plot_curves(run_dir, title=title))
+    write_or_fail(run_dir / CURVES_NAME, lambda: plot_curves(run_dir, title=title))
     print(summary_line(report), flush=True)
     return report
+
+
+def _evaluate(run: Run) -> dict[str, float]:
+    return evaluate_run(run.accelerator, run.parts.student, run.parts.teacher, run.loaders, run.cfg,
+                        step=run.state.step, epoch=run.state.step / run.steps_per_epoch, stop=run.stop,
+                        metrics=run.metrics)  # fmt: skip
 
 
 def _checkpoint(run: Run) -> Path:
@@ -359,6 +364,7 @@ def _no_accelerator() -> bool:
 
 
 if __name__ == "__main__":  # python -m mt_scale.train, accelerate launch -m mt_scale.train: mt-train
-    from mt_scale.cli import train_main
+    import runpy
 
-    sys.exit(train_main())
+    # mt-train's module runs as the main program; it imports this module (as mt_scale.train), not back.
+    runpy.run_module("mt_scale.cli", run_name="__main__")

@@ -16,43 +16,63 @@ from mt_scale.errors import MtScaleError
 from mt_scale.evaluate import evaluate
 
 if TYPE_CHECKING:
-    from mt_scale.train import Run
+    from accelerate import Accelerator
+
+    from mt_scale.config import Config
+    from mt_scale.preemption import StopRequest
+    from mt_scale.report import MetricsWriter
+    from pipelines import Loaders
 
 
-def evaluate_run(run: Run) -> dict[str, float]:
-    """Student and teacher scores on the val split (every rank), logged by the main process."""
-    from mt_scale.teacher import sync_teacher_buffers
+def evaluate_run(
+    accelerator: Accelerator,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    loaders: Loaders,
+    cfg: Config,
+    *,
+    step: int,
+    epoch: float,
+    stop: StopRequest,
+    metrics: MetricsWriter | None = None,
+) -> dict[str, float]:
+    """Student and teacher scores on the val split (every rank), logged at `step` by the main process.
+
+    `student` is the prepared (possibly DDP-wrapped) model; `metrics` is the main process's writer
+    (None elsewhere); `stop` says whether a stop signal may have killed the val loader's workers.
+    """
+    from mt_scale.teacher import average_buffers_over_ranks
 
     # BatchNorm statistics differ per rank until averaged; average so every rank scores one model.
-    student = run.accelerator.unwrap_model(run.parts.student)
-    sync_teacher_buffers(student)
-    sync_teacher_buffers(run.parts.teacher)
+    student = accelerator.unwrap_model(student)
+    average_buffers_over_ranks(student)
+    average_buffers_over_ranks(teacher)
     result: dict[str, float] = {}
-    for name, model in (("student", student), ("teacher", run.parts.teacher)):
-        scores = _scores(run, model)
+    for name, model in (("student", student), ("teacher", teacher)):
+        scores = _scores(accelerator, model, loaders, cfg, stop)
         result.update({f"{name}_{key}": value for key, value in scores.items() if key != "count"})
         result["val_count"] = scores["count"]
-    row = {"step": run.state.step, "epoch": run.state.step / run.steps_per_epoch, "kind": "eval", **result}
-    if run.metrics is not None:
-        run.metrics.write(row)
-    run.accelerator.log({f"val/{k}": v for k, v in result.items() if k != "val_count"}, step=run.state.step)
+    row = {"step": step, "epoch": epoch, "kind": "eval", **result}
+    if metrics is not None:
+        metrics.write(row)
+    accelerator.log({f"val/{k}": v for k, v in result.items() if k != "val_count"}, step=step)
     return result
 
 
-def _scores(run: Run, model: torch.nn.Module) -> dict[str, float]:
-    data, loaders = run.cfg.data, run.loaders
-
+def _scores(
+    accelerator: Accelerator, model: torch.nn.Module, loaders: Loaders, cfg: Config, stop: StopRequest
+) -> dict[str, float]:
     def once() -> dict[str, float]:
-        batches = _checked_labels(loaders.val, loaders.num_classes, run.cfg.run.shards, "val")
-        return evaluate(model, batches, run.accelerator, mean=tuple(data.mean), std=tuple(data.std),
-                        channels_last=bool(run.cfg.model.channels_last))  # fmt: skip
+        batches = _checked_labels(loaders.val, loaders.num_classes, cfg.run.shards, "val")
+        return evaluate(model, batches, accelerator, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
+                        channels_last=bool(cfg.model.channels_last))  # fmt: skip
 
     try:
         return once()
     except MtScaleError:
         raise
     except Exception:
-        if not run.stop.requested:
+        if not stop.requested:
             raise
     # The stop signal killed the val loader's workers: this rank evaluates again (its one all-reduce
     # comes at the end, so the ranks stay in step).

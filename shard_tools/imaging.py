@@ -9,6 +9,7 @@ import stat
 import threading
 import warnings
 from struct import error as struct_error  # some PIL plugins raise it on damaged headers
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -28,11 +29,17 @@ class BadImage(Exception):
     """An input file that cannot be packed; the message is the reason listed in the manifest."""
 
 
-def read_bytes(path: str | tuple | None, data: bytes | None) -> bytes:
+class Readable(Protocol):
+    """What an image inside another file (an archive member) offers: its bytes, or BadImage."""
+
+    def read(self) -> bytes: ...
+
+
+def read_bytes(path: str | Readable | None, data: bytes | None) -> bytes:
     """The bytes of an input image; only regular files are read (a FIFO would block, /dev/zero never ends)."""
     if data is not None:
         return data
-    if isinstance(path, tuple):  # a member of an archive: shard_tools.archive_files.ArchiveMember
+    if not isinstance(path, str):  # a member of an archive (shard_tools.sources.archive_files.ArchiveMember)
         return path.read()
     try:
         # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; fstat then rejects it.

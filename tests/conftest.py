@@ -31,7 +31,7 @@ def photo_shards(photo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("photo_shards") / "shards"
     pack(photo_tree, out, label_fraction=0.25, seed=0, shard_size=16, workers=1, progress=False)
     return out
-# Object storage (issue 12): a real S3 server (moto, in a subprocess) and its fixtures, from
+# Object storage: a real S3 server (moto, in a subprocess) and its fixtures, from
 # tests/s3_server.py, loaded by path so it works whatever sys.path the run has.
 def _load_s3_server_fixtures():
     import importlib.util

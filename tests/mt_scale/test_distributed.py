@@ -90,12 +90,12 @@ def test_two_cpu_processes_train_one_teacher(digits_shards: Path, tmp_path: Path
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["seen"]["world"] == ranks[1]["seen"]["world"] == [2, "gloo"]
-    # between log steps neither rank read a computed tensor or joined a collective; at each log step
-    # the one collective is the stop flag's all-reduce
+    # between log steps neither rank read a computed tensor or joined a collective; train() called
+    # without a SIGTERM handler has no stop flag to exchange, so the log steps hold none either
     for rank in ranks:
         waits = rank["seen"]["waits"]
         assert waits["stepped"] == list(range(1, 13)) and waits["reads"] == {} and waits["collectives"] == {}
-        assert waits["at_log_steps"] == [1] * 5
+        assert waits["at_log_steps"] == [0] * 5
 
     # the same teacher (parameters and averaged BatchNorm statistics) and the same scores on both ranks
     teacher0, teacher1 = ranks[0]["teacher"], ranks[1]["teacher"]

@@ -14,10 +14,10 @@ from torch import nn
 
 from mt_scale.losses import mean_teacher_loss
 from mt_scale.teacher import (
+    average_buffers_over_ranks,
     create_teacher,
     ema_alpha,
     ema_update_loop,
-    sync_teacher_buffers,
     update_teacher,
 )
 
@@ -136,7 +136,7 @@ def test_batchnorm_buffers_follow_the_teachers_own_forward_passes():
     assert torch.allclose(bn.running_mean, 0.1 * hidden.mean(0), atol=1e-6)
     assert torch.allclose(bn.running_var, 0.9 + 0.1 * hidden.var(0, unbiased=True), atol=1e-6)
     assert bn.num_batches_tracked.item() == 1
-    sync_teacher_buffers(teacher)  # single process: a no-op
+    average_buffers_over_ranks(teacher)  # single process: a no-op
     assert torch.allclose(bn.running_mean, 0.1 * hidden.mean(0), atol=1e-6)
 
 
@@ -183,7 +183,7 @@ DDP_WORKER = textwrap.dedent(
     from torch import nn
     sys.path.insert(0, os.environ["TEST_DIR"])
     from test_teacher import TinyNet
-    from mt_scale.teacher import create_teacher, sync_teacher_buffers, update_teacher
+    from mt_scale.teacher import create_teacher, average_buffers_over_ranks, update_teacher
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -207,10 +207,10 @@ DDP_WORKER = textwrap.dedent(
         loss.backward()
         optimizer.step()
         update_teacher(teacher, student, 0.9, step)
-        sync_teacher_buffers(teacher)
+        average_buffers_over_ranks(teacher)
         update_teacher(unsynced, student, 0.9, step)
         update_teacher(at_read, student, 0.9, step)
-    sync_teacher_buffers(at_read)
+    average_buffers_over_ranks(at_read)
     torch.save(
         {"teacher": teacher.state_dict(), "unsynced": unsynced.state_dict(), "at_read": at_read.state_dict(),
          "student": student.module.state_dict()},

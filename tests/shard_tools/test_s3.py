@@ -368,7 +368,7 @@ def test_dali_reads_a_pushed_set_through_aws_endpoint_url(s3_env: str, digits_se
     assert first_batch(url) == first_batch(str(digits_set))
 
 
-# --- reading a pushed set: info, verify, pack straight to s3:// (issue 12, phase 2) ---
+# --- reading a pushed set: info, verify, pack straight to s3:// ---
 
 
 def test_info_and_verify_read_an_s3_set(s3_server, s3_env: str, digits_set: Path, capsys):
