@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines import DataConfig, PipelineError, build_loaders
 import pipelines.reading as reading
+from pipelines import DataConfig, PipelineError, build_loaders
 from pipelines.reading import Split, draws, open_set, shuffled
 from shard_tools.format import TRAIN_UNLABELED, build_index, encode_label, index_name
 from shard_tools.manifest import read_manifest

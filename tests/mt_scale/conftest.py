@@ -1,0 +1,116 @@
+"""The step gate: a real mt-train (or each rank of an `accelerate launch`) that stops after its first
+step, tells the test where it is, and waits until the test lets it go.
+
+A test signals the trainer at a known point instead of polling its log for progress: the trainer
+reports `<rank> <pid>` on a socket just before it fetches its second batch, then blocks until the
+test closes the connection. Once released it runs step 2, so a stop signal sent while it waits
+takes effect at the step-2 boundary on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Run as a script: `python gated_main.py HOST:PORT (-m MODULE | MODULE:FUNCTION) ARGS...`. The main
+# guard matters: a forkserver (loader workers) imports this file as __mp_main__ and must not train.
+GATED_MAIN = '''
+import os, runpy, socket, sys, importlib
+
+from pipelines.loaders import TrainLoader
+
+
+def main():
+    address, entry = sys.argv[1], sys.argv[2]
+    real_iter, held = TrainLoader.__iter__, []
+
+    def gated_iter(self):
+        batches = real_iter(self)
+        yield next(batches)
+        if not held:  # the first iterator only (a loader reopened after a signal is not held again)
+            held.append(True)
+            host, port = address.rsplit(":", 1)
+            with socket.create_connection((host, int(port))) as gate:
+                gate.sendall(f"{os.environ.get('RANK', '0')} {os.getpid()}\\n".encode())
+                gate.recv(1)  # returns when the test closes the connection
+        yield from batches
+
+    TrainLoader.__iter__ = gated_iter
+    if entry == "-m":
+        sys.argv = [sys.argv[3], *sys.argv[4:]]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    else:
+        module, function = entry.split(":")
+        sys.argv = [entry, *sys.argv[3:]]
+        sys.exit(getattr(importlib.import_module(module), function)())
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+class StepGate:
+    """The test's side of the gate (see the module docstring)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.script = folder / "gated_main.py"
+        self.script.write_text(GATED_MAIN)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = "{}:{}".format(*self.server.getsockname())
+        self.held: list[socket.socket] = []
+
+    def command(self, *entry: str) -> list[str]:
+        """The argv prefix that runs `entry` (`-m MODULE` or `MODULE:FUNCTION`) behind the gate."""
+        return [sys.executable, str(self.script), self.address, *entry]
+
+    def wait(self, process: subprocess.Popen, count: int = 1) -> dict[int, int]:
+        """Block until `count` processes (ranks) wait at the gate; {rank: pid}. Fails if `process` ends first."""
+        gone, wake = socket.socketpair()
+
+        def wake_when_gone() -> None:
+            process.wait()
+            with contextlib.suppress(OSError):
+                wake.close()  # `gone` reads as ended
+
+        threading.Thread(target=wake_when_gone, daemon=True).start()
+        found = {}
+        try:
+            while len(found) < count:
+                ready, _, _ = select.select([self.server, gone], [], [])
+                if self.server not in ready:
+                    pytest.fail(f"the trainer ended before its first step:\n{process.communicate()[1][-3000:]}")
+                connection, _ = self.server.accept()
+                self.held.append(connection)
+                rank, pid = connection.makefile("rb").readline().decode().split()
+                found[int(rank)] = int(pid)
+        finally:
+            gone.close()
+        return found
+
+    def release(self) -> None:
+        """Let every waiting process continue."""
+        for connection in self.held:
+            connection.close()
+        self.held.clear()
+
+    def close(self) -> None:
+        self.release()
+        self.server.close()
+
+
+@pytest.fixture
+def step_gate(tmp_path: Path) -> Iterator[StepGate]:
+    gate = StepGate(tmp_path)
+    try:
+        yield gate
+    finally:
+        gate.close()
