@@ -372,10 +372,11 @@ def test_ctrl_c_is_one_line_and_status_130(digits_shards: Path, tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_resume_continues_exactly(digits_shards: Path, tmp_path: Path, step_gate) -> None:
-    extra = ("--set", "run.epochs=2", "--set", "optim.lr_rampdown_epochs=2", "--set", "data.workers=1")
-    overrides = [item for item in extra if item != "--set"]
-    proc = start_mt_train(step_gate, digits_shards, tmp_path / "split", *extra)
+def test_sigterm_checkpoints_and_resume_continues_exactly(reference_run, torch_thread, digits_shards: Path,
+                                                         tmp_path: Path, step_gate) -> None:
+    """mt-train with a loader worker, SIGTERMed between steps 1 and 2, then resumed: the reference run."""
+    extra = [item for setting in reference_run.overrides for item in ("--set", setting)]
+    proc = start_mt_train(step_gate, digits_shards, tmp_path / "split", *extra)  # data.workers=1
     step_gate.wait(proc)  # step 1 done, step 2 not started
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM or accelerate launch signal: the worker is hit too
     step_gate.release()
@@ -385,21 +386,13 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(digits_shards: Path, t
     assert err.count("\n") == 1 and err.startswith("mt-train: stopped by SIGTERM after step 2;"), err
     assert [p.name for p in checkpoint_dirs(tmp_path / "split")] == ["step-00000002"]
 
-    def config(out: Path):
-        return load_config("digits-demo", overrides=[f"run.shards={digits_shards}", f"run.output_dir={out}",
-                                                     *SETTINGS, *overrides])  # fmt: skip
-
-    # the same arithmetic as the stopped mt-train (OMP_NUM_THREADS=1): a float reduction split over another
-    # number of threads rounds differently, and 48 steps at lr 0.2 magnify that far past the tolerance
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        resumed = train(config(tmp_path / "split"), resume="", progress=False)
-        straight = train(config(tmp_path / "straight"), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    # the stopped mt-train ran on one thread too (OMP_NUM_THREADS=1)
+    with torch_thread():
+        resumed = train(reference_run.config(digits_shards, tmp_path / "split", "data.workers=1"), resume="",
+                        progress=False)
+    straight = reference_run.result
     assert resumed.report["steps"] == straight.report["steps"] == 50
-    a = load_file(str(checkpoint_dirs(tmp_path / "straight")[-1] / STUDENT_NAME))
+    a = load_file(str(checkpoint_dirs(straight.run_dir)[-1] / STUDENT_NAME))
     b = load_file(str(checkpoint_dirs(tmp_path / "split")[-1] / STUDENT_NAME))
     assert a.keys() == b.keys()
     for key in a:
@@ -408,7 +401,7 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(digits_shards: Path, t
     for key in teacher_a:
         torch.testing.assert_close(teacher_a[key], teacher_b[key], rtol=1e-5, atol=1e-6)
     split_rows = [r for r in read_metrics(tmp_path / "split" / "metrics.csv") if r["kind"] == "train"]
-    straight_rows = [r for r in read_metrics(tmp_path / "straight" / "metrics.csv") if r["kind"] == "train"]
+    straight_rows = [r for r in read_metrics(straight.run_dir / "metrics.csv") if r["kind"] == "train"]
     assert (
         [r["step"] for r in split_rows]
         == [r["step"] for r in straight_rows]
