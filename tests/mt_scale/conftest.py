@@ -10,12 +10,14 @@ takes effect at the step-2 boundary on every rank.
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,53 @@ def main():
 if __name__ == "__main__":
     main()
 '''
+
+
+# Run under `accelerate launch`: records the sample keys each rank trains and evaluates on (the
+# pipelines' with_keys option), trains, and saves its teacher and last evaluation per rank.
+RANK_SCRIPT = """
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import pipelines
+from pipelines.loaders import TrainLoader, ValLoader
+from mt_scale.config import load_config
+from mt_scale.train import train
+
+out, shards, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+labeled_rows = 16
+seen = {"labeled": [], "unlabeled": [], "val": []}
+build = pipelines.build_loaders
+pipelines.build_loaders = lambda *args, **kwargs: build(*args, with_keys=True, **kwargs)
+train_iter, val_iter = TrainLoader.__iter__, ValLoader.__iter__
+
+
+def recording_train_iter(self):
+    seen["world"] = [torch.distributed.get_world_size(), torch.distributed.get_backend()]
+    for batch in train_iter(self):
+        seen["labeled"] += batch["key"][:labeled_rows]
+        seen["unlabeled"] += batch["key"][labeled_rows:]
+        yield batch
+
+
+def recording_val_iter(self):  # one list per pass (the student's, then the teacher's)
+    seen["val"].append([])
+    for batch in val_iter(self):
+        seen["val"][-1] += list(batch.get("key", []))[: int(batch["valid"].sum())]
+        yield batch
+
+
+TrainLoader.__iter__, ValLoader.__iter__ = recording_train_iter, recording_val_iter
+cfg = load_config("digits-demo", overrides=[
+    f"run.shards={shards}", f"run.output_dir={out / 'run'}", f"data.labeled_per_batch={labeled_rows}", *overrides,
+])
+result = train(cfg, progress=False)  # ends the process group: the rank comes from the launcher
+torch.save({"teacher": result.teacher.state_dict(), "final": result.final, "seen": seen},
+           out / f"rank{os.environ['RANK']}.pt")
+"""
 
 
 class StepGate:
@@ -114,3 +163,38 @@ def step_gate(tmp_path: Path) -> Iterator[StepGate]:
         yield gate
     finally:
         gate.close()
+
+
+# One epoch (12 steps per rank), every step logged, evaluated and checkpointed at the end only,
+# in-process loading: tests/mt_scale/test_checkpoint.py's SETTINGS, which its two-rank resume uses.
+TWO_RANK_OVERRIDES = ("data.workers=0", "run.epochs=1", "optim.lr_rampdown_epochs=1", "run.eval_every_epochs=0",
+                      "run.checkpoint_every_epochs=0", "run.log_every_steps=1")
+
+
+@dataclass(frozen=True)
+class TwoRankRun:
+    """`out` holds rank0.pt and rank1.pt (teacher, last evaluation, the keys each rank read) and run/."""
+
+    out: Path
+    overrides: tuple[str, ...]
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> TwoRankRun:
+    """A digits run by `accelerate launch` on two CPU processes (gloo), each recording what it read."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    script = out / "rank_train.py"
+    script.write_text(RANK_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         str(script), str(out), str(digits_shards), *TWO_RANK_OVERRIDES],
+        capture_output=True, text=True, timeout=400, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return TwoRankRun(out, TWO_RANK_OVERRIDES)

@@ -424,9 +424,11 @@ def launch_two(shards: Path, run: Path, *extra: str, gate=None) -> subprocess.Po
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_rank_stops_every_rank_at_one_step(digits_shards: Path, tmp_path: Path, step_gate) -> None:
-    extra = ("--set", "run.epochs=2", "--set", "optim.lr_rampdown_epochs=2")
-    launcher = launch_two(digits_shards, tmp_path / "split", *extra, gate=step_gate)
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step(two_rank_run, digits_shards: Path, tmp_path: Path,
+                                                          step_gate) -> None:
+    """Two ranks, SIGTERM to rank 1 between steps 1 and 2, then resumed: the session's two-rank run."""
+    assert two_rank_run.overrides == tuple(SETTINGS)  # the same run, uninterrupted
+    launcher = launch_two(digits_shards, tmp_path / "split", gate=step_gate)
     ranks = step_gate.wait(launcher, count=2)  # both ranks: step 1 done, step 2 not started
     os.kill(ranks[1], signal.SIGTERM)  # rank 1 alone: rank 0 learns it through the all-reduced flag
     step_gate.release()
@@ -436,16 +438,16 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step(digits_shards: Path, t
     assert checkpoint.name == "step-00000002" and stopped_at == 2
     assert {data_state_name(0), data_state_name(1), rng_state_name(1)} <= {p.name for p in checkpoint.iterdir()}
 
-    resumed = launch_two(digits_shards, tmp_path / "split", *extra, "--resume")
-    straight = launch_two(digits_shards, tmp_path / "straight", *extra)
-    for proc in (resumed, straight):
-        out, err = proc.communicate(timeout=400)
-        assert proc.returncode == 0, err[-3000:]
-    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("split", "straight")]
-    assert reports[0]["steps"] == reports[1]["steps"] == 24  # 2 epochs of floor(604 / 48) = 12 steps per rank
+    resumed = launch_two(digits_shards, tmp_path / "split", "--resume")
+    out, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err[-3000:]
+    straight = two_rank_run.out / "run"
+    reports = [json.loads((run / "report.json").read_text()) for run in (tmp_path / "split", straight)]
+    assert reports[0]["steps"] == reports[1]["steps"] == 12  # floor(604 / 48) = 12 steps per rank
     assert reports[0]["final"] == reports[1]["final"]
     a = load_file(str(checkpoint_dirs(tmp_path / "split")[-1] / STUDENT_NAME))
-    b = load_file(str(checkpoint_dirs(tmp_path / "straight")[-1] / STUDENT_NAME))
+    b = load_file(str(checkpoint_dirs(straight)[-1] / STUDENT_NAME))
+    assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 

@@ -46,6 +46,7 @@ REPO = Path(mt_scale.__file__).resolve().parents[1]
 # ------------------------------------------------------------------ the whole kit, dry run (what CI runs)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_dry_run_writes_every_figure_and_passes_every_check(tmp_path: Path) -> None:
     pytest.importorskip("nvidia.dali")
