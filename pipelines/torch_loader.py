@@ -71,6 +71,8 @@ def render_views(data: bytes, specs: Sequence[AugmentSpec], rng: np.random.Gener
 
     Returns False (writing nothing) when the bytes do not decode as an image.
     """
+    if not data:
+        return False
     size = jpeg_size(data)
     image = None
     if size is None:  # not a baseline/progressive JPEG header we can read: plain full decode
