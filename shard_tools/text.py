@@ -21,10 +21,7 @@ _BOUNDED.maxstring = _BOUNDED.maxother = _BOUNDED.maxlong = QUOTE_LIMIT
 
 
 def _escape_char(char: str) -> str:
-    if char.isprintable():
-        return char
-    code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return char if char.isprintable() else repr(char)[1:-1]  # \n, \x1b, \u202e as Python writes them
 
 
 def _cut(text: str, limit: int) -> str:
