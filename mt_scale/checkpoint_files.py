@@ -88,7 +88,7 @@ def weights_mismatch(path: Path, expected: dict[str, torch.Tensor]) -> str | Non
             stored = handle.get_slice(name)
             shape, dtype, want = list(stored.get_shape()), stored.get_dtype(), expected[name]
             if shape != list(want.shape):
-                return f"tensor {name} has shape {shape}, the model's is {list(want.shape)}"
+                return f"tensor {name}: size mismatch, {shape} in the file, {list(want.shape)} in the model"
             if dtype != _SAFETENSORS_DTYPES.get(want.dtype):
                 return f"tensor {name} is {dtype}, the model's is {str(want.dtype).removeprefix('torch.')}"
     return None  # a tensor the file lacks is named by the strict load that follows
