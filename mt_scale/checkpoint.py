@@ -161,9 +161,11 @@ def save_checkpoint(
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception) and not isinstance(exc, MtScaleError):
+            # with no complete checkpoint there is nothing to resume (a new run's folder is removed)
+            then = "continue with --resume" if checkpoint_dirs(run_dir) else "start the run again (without --resume)"
             raise MtScaleError(
                 f"{tmp}: writing the checkpoint failed ({short_reason(exc)}); free space in or choose "
-                "another run.output_dir, then continue with --resume"
+                f"another run.output_dir, then {then}"
             ) from None
         raise
     accelerator.wait_for_everyone()

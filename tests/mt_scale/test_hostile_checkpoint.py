@@ -124,3 +124,20 @@ def test_deeply_nested_state_json_is_one_line(run_copy, digits_shards: Path, cap
     (checkpoint / name).write_text('{"state": ' + "[" * 5000 + "]" * 5000 + "}")
     assert resume_error(digits_shards, run, capsys) == (
         f"{checkpoint / name}: not valid JSON (nested deeper than 64 levels); {RESTART_HINT}")
+
+
+def test_a_failed_first_checkpoint_does_not_say_resume(digits_shards: Path, tmp_path: Path, capsys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    run = tmp_path / "out" / "run"
+    sets = [item for setting in (f"run.shards={digits_shards}", f"run.output_dir={run}", *SETTINGS)
+            for item in ("--set", setting)]
+    assert main(["--preset", "digits-demo", *sets, "--no-progress", "--stop-after-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith(
+        "(No space left on device); free space in or choose another run.output_dir, then start the run again "
+        "(without --resume)")
+    assert not (tmp_path / "out").exists()  # nothing left to resume from: the new run's folders are gone
