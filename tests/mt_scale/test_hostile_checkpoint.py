@@ -138,6 +138,6 @@ def test_a_failed_first_checkpoint_does_not_say_resume(digits_shards: Path, tmp_
     assert main(["--preset", "digits-demo", *sets, "--no-progress", "--stop-after-steps", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.rstrip().endswith(
-        "(No space left on device); free space in or choose another run.output_dir, then start the run again "
+        "No space left on device); free space in or choose another run.output_dir, then start the run again "
         "(without --resume)")
     assert not (tmp_path / "out").exists()  # nothing left to resume from: the new run's folders are gone
