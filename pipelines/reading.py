@@ -71,9 +71,9 @@ class ShardIndex:
 
 def open_set(base: str) -> tuple[Manifest, dict[str, Split]]:
     """The manifest of the set at `base` and its splits (shard URLs beside the manifest)."""
-    base = str(base)
-    url = storage.join(base, MANIFEST_NAME)
+    url = storage.join(str(base), MANIFEST_NAME)
     try:
+        base = storage.check_location(base)
         # object storage: the read itself says "no such object ... upload the set with mt-shard push"
         if not storage.is_remote(base) and not storage.exists(url):
             if not storage.exists(base):

@@ -297,7 +297,7 @@ def read_manifest_data(shard_dir: str | Path) -> dict:
     `shard_dir` is a local folder or an s3://bucket/prefix URL; the manifest is read through
     shard_tools.storage either way.
     """
-    base = str(shard_dir)
+    base = storage.check_location(shard_dir)
     path = manifest_path(base)
     if not storage.is_remote(base):
         if not Path(base).is_dir():

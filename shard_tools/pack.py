@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shard_tools import storage
 from shard_tools.errors import os_error_message
 from shard_tools.files import check_output_location, make_dirs, sha256_file
 from shard_tools.format import SPLITS, ShardFormatError
@@ -287,7 +288,7 @@ def pack(
     `max_pixels` caps width x height of an input image (default: PIL's own cap, DEFAULT_MAX_PIXELS);
     a larger one is skipped from its header, never decoded.
     """
-    if "://" in str(out_dir):  # Path() would turn s3://b/set into a local folder s3:/b/set
+    if "://" in storage.check_location(out_dir):  # Path() would turn s3://b/set into a local folder s3:/b/set
         raise ShardFormatError(f"{out_dir}: pack writes a local folder; for object storage use "
                                "shard_tools.pack_s3.pack_to_s3 (what `mt-shard pack SRC s3://...` runs)")
     started = time.perf_counter()
