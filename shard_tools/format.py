@@ -45,6 +45,9 @@ LABEL_EXT = "lbl"
 META_EXT = "json"
 SAMPLE_EXTS = (IMAGE_EXT, CLASS_EXT, LABEL_EXT)
 NO_LABEL = -1
+# The one pixel cap (width x height) of pack, `verify --decode` and training decode: PIL's own default,
+# so a small file claiming 20000x20000 (a decompression bomb) is refused from its header.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ShardFormatError(UserError):

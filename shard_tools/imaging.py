@@ -14,12 +14,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from shard_tools.format import DEFAULT_MAX_PIXELS
+
 # Keep the original bytes of JPEGs in these modes; anything else (PNG, CMYK JPEG, ...) is re-encoded
 # so every `.jpg` member decodes to RGB with any JPEG decoder.
 _KEEP_MODES = ("RGB", "L")
-# The one pixel cap of pack and `verify --decode` (`--max-pixels`): PIL's own default, so a small file
-# claiming 20000x20000 (a decompression bomb) is refused from its header, before any pixel is decoded.
-DEFAULT_MAX_PIXELS = 89_478_485
 _PIL_CHECK = threading.Lock()
 _NOT_REGULAR = "not a regular file (a FIFO, device or socket)"
 

@@ -105,3 +105,55 @@ def test_an_empty_image_is_a_skip_not_a_traceback() -> None:
     spec = AUGMENT_PRESETS["digits-eval"]
     out = np.zeros((3, *spec.output_size), np.uint8)
     assert render_views(b"", (spec,), np.random.default_rng(0), (out,)) is False
+
+
+def _png_claiming(size: tuple[int, int]) -> bytes:
+    """A 1x1 PNG whose header (IHDR, with a valid CRC) claims `size`: a few bytes, a bomb to decode."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", *size)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_images_over_the_pixel_cap_are_skipped_from_their_header(set_copy: Path, monkeypatch) -> None:
+    import tarfile
+
+    import cv2
+
+    import pipelines.torch_loader as torch_loader
+    from pipelines.torch_loader import Draws
+
+    shard = _first_labeled_shard(set_copy)
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    bomb = _png_claiming((20000, 20000))
+    with open(shard, "r+b") as handle:  # the same length: the tar and its index stay valid
+        handle.seek(member.offset_data)
+        handle.write(bomb + b"\0" * (member.size - len(bomb)))
+    decoded: list[int] = []
+    real = cv2.imdecode
+
+    def imdecode(buffer, flags):
+        decoded.append(len(buffer))
+        return real(buffer, flags)
+
+    monkeypatch.setattr(torch_loader.cv2, "imdecode", imdecode)
+    _, splits = open_set(str(set_copy))
+    split = splits[TRAIN_LABELED]
+    spec = AUGMENT_PRESETS["digits-train"]
+    draws_ = Draws(split, range(split.total), (0,), 0)  # the default cap: PIL's, 89478485 pixels
+    outs = (np.zeros((3, *spec.output_size), np.uint8),)
+    keys = [draws_.render((spec,), outs)[0] for _ in range(split.total - 1)]
+    assert draws_.skipped == 1 and member.name.split(".")[0] not in keys and len(set(keys)) == split.total - 1
+    assert len(decoded) == split.total - 1  # the bomb was never handed to the decoder
+    small = Draws(split, range(split.total), (0,), 0, max_pixels=63)  # digits are 8x8 = 64 pixels
+    with pytest.raises(PipelineError, match="none of the 50 train-labeled images this reader holds decodes"):
+        small.render((spec,), outs)
