@@ -153,7 +153,7 @@ def _parallel_map(function: Callable, tasks: list, workers: int, ordered: bool, 
 def _scan_one(item: tuple[str | None, bytes | None, int]) -> tuple[str | None, int, int, bool, int]:
     """(reason it is bad or None, width, height, keepable JPEG, file bytes)."""
     try:
-        raw = read_bytes(item[0], item[1])
+        raw = read_bytes(item[0], item[1], item[2])
         width, height, keep = inspect(raw, item[2])
         return None, width, height, keep, len(raw)
     except BadImage as exc:
@@ -166,7 +166,7 @@ def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
     def samples():
         for entry in task.samples:
             try:
-                jpeg = encode_for_shard(read_bytes(entry.path, entry.data), task.max_side, task.quality,
+                jpeg = encode_for_shard(read_bytes(entry.path, entry.data, task.max_pixels), task.max_side, task.quality,
                                         task.max_pixels)
             except BadImage as exc:
                 skipped.append({"path": entry.origin, "reason": str(exc), "key": entry.key})
