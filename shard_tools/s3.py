@@ -126,7 +126,7 @@ def _client_and_attempts() -> tuple[object, int]:
 
 def client() -> object:
     """This process's boto3 S3 client for the current AWS environment (built on first use)."""
-    with _translate("s3://", "s3:ListBucket"):
+    with translate_errors("s3://", "s3:ListBucket"):
         return _client_and_attempts()[0]
 
 
@@ -192,7 +192,7 @@ def _client_error_line(url: str, error: Exception, permission: str) -> str:
 
 
 @contextmanager
-def _translate(url: str, permission: str) -> Iterator[None]:
+def translate_errors(url: str, permission: str) -> Iterator[None]:
     """Turn what boto3 raises into one ShardFormatError line naming `url` and the fix."""
     from boto3.exceptions import S3UploadFailedError
     from botocore import exceptions as boto
@@ -250,7 +250,7 @@ def _read_body(url: str, open_body: Callable[[object], object],
     body_errors = _body_errors()
     attempt = 0
     while True:
-        with _translate(url, "s3:GetObject"):
+        with translate_errors(url, "s3:GetObject"):
             s3_client, attempts = _client_and_attempts()
             body = open_body(s3_client)
             try:
@@ -306,7 +306,7 @@ def object_info(url: str) -> ObjectInfo | None:
     bucket, key = _object_key(url)
     from botocore.exceptions import ClientError
 
-    with _translate(url, "s3:GetObject"):
+    with translate_errors(url, "s3:GetObject"):
         s3_client = _client_and_attempts()[0]
         try:
             head = s3_client.head_object(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
@@ -336,7 +336,7 @@ def list_sizes(prefix_url: str) -> dict[str, int]:
     bucket, key = parse_url(prefix_url)
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
     sizes = {}
-    with _translate(prefix_url, "s3:ListBucket"):
+    with translate_errors(prefix_url, "s3:ListBucket"):
         paginator = _client_and_attempts()[0].get_paginator("list_objects_v2")  # type: ignore[attr-defined]
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             for entry in page.get("Contents", []):
@@ -356,7 +356,7 @@ def upload_file(path: str | Path, url: str, sha256: str | None = None,
 
     bucket, key = _object_key(url)
     extra = {"Metadata": {SHA256_METADATA: sha256}} if sha256 else None
-    with _translate(url, "s3:PutObject"):
+    with translate_errors(url, "s3:PutObject"):
         _client_and_attempts()[0].upload_file(  # type: ignore[attr-defined]
             str(path), bucket, key, ExtraArgs=extra, Callback=callback, Config=TransferConfig(max_concurrency=4)
         )
