@@ -19,7 +19,7 @@ from pipelines.config import DataConfig
 from pipelines.errors import PipelineError
 from pipelines.loaders import LoaderRequest, TrainLoader, ValLoader
 from pipelines.mixing import batches_per_epoch, compose_batch, reads_whole_split, sample_range, seed_for
-from pipelines.reading import Split, shard_index
+from pipelines.reading import TAR_BLOCK, Split, check_header, shard_index
 from shard_tools import storage
 from shard_tools.format import IMAGE_EXT, LABEL_EXT, ShardFormatError, index_name
 
@@ -39,7 +39,8 @@ def check_jpeg_members(split: Split, samples: range | None = None) -> int:
         index = shard_index(split, number)
         ranges = []
         for offset, size, _ in index.table[first:stop].tolist():
-            ranges += [(offset, 3), (offset + max(size - 32, 0), min(size, 32))]
+            # the member's tar header and the JPEG's first bytes in one span: the header must match the index
+            ranges += [(offset - TAR_BLOCK, TAR_BLOCK + 3), (offset + max(size - 32, 0), min(size, 32))]
         try:
             spans = storage.read_ranges(shard, ranges)
         except OSError as exc:
@@ -47,7 +48,8 @@ def check_jpeg_members(split: Split, samples: range | None = None) -> int:
         except ShardFormatError as exc:  # object storage, after its retries
             raise PipelineError(str(exc)) from None
         for row, key in enumerate(index.keys[first:stop]):
-            if spans[2 * row] != b"\xff\xd8\xff" or b"\xff\xd9" not in spans[2 * row + 1]:
+            check_header(shard, spans[2 * row], TAR_BLOCK, key, IMAGE_EXT, int(index.table[first + row, 1]))
+            if spans[2 * row][TAR_BLOCK:] != b"\xff\xd8\xff" or b"\xff\xd9" not in spans[2 * row + 1]:
                 raise PipelineError(
                     f"{shard}: member {key}.{IMAGE_EXT} is not a complete JPEG; re-pack this shard (check the set "
                     "with `mt-shard verify`) or use backend=torch, which skips undecodable images")
