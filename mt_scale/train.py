@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from tqdm import tqdm
 
-    from mt_scale.config import DevicePlan
+    from mt_scale.device_plan import DevicePlan
     from mt_scale.step import MeanTeacherStep, TrainingParts
     from pipelines import Loaders
 
@@ -172,7 +172,8 @@ def _setup(
     stop_after_steps: int | None,
 ) -> Run:
     """This rank's config, loaders, models and step; the checkpoint resumed; config.yaml and logs opened."""
-    from mt_scale.config import config_to_dict, config_to_yaml, plan_devices, resolve_for_devices
+    from mt_scale.config import config_to_dict, config_to_yaml
+    from mt_scale.device_plan import plan_devices, resolve_for_devices
     from mt_scale.memory import agreed_device_limit
     from mt_scale.step import MeanTeacherStep, create_training
     from pipelines import build_loaders

@@ -114,7 +114,7 @@ def time_bare_step(cfg: Config, device: Device, steps: int) -> float:
     import torch
     from accelerate import Accelerator
 
-    from mt_scale.config import resolve_for_devices
+    from mt_scale.device_plan import resolve_for_devices
     from mt_scale.step import MeanTeacherStep, create_training
     from pipelines import build_loaders
 

@@ -14,9 +14,8 @@ from mt_scale.config import (
     config_to_dict,
     config_to_yaml,
     load_config,
-    plan_devices,
-    resolve_for_devices,
 )
+from mt_scale.device_plan import plan_devices, resolve_for_devices
 from mt_scale.errors import MtScaleError
 
 
