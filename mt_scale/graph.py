@@ -158,7 +158,10 @@ class StepGraphs:
             torch.cuda.synchronize()
             for _ in range(self.window):
                 graph = torch.cuda.CUDAGraph()
-                with accelerator.accumulate(step.student), torch.cuda.graph(graph, pool=pool):
+                # thread_local: the loader's threads (pinning memory, DALI) go on with their own CUDA work
+                with accelerator.accumulate(step.student), torch.cuda.graph(
+                    graph, pool=pool, capture_error_mode="thread_local"
+                ):
                     losses = step.compute(inputs, self.weight, self.alpha)
                 pool = graph.pool()
                 captured.append(Captured(graph, inputs, losses))
