@@ -27,6 +27,7 @@ from pipelines.mixing import batches_per_epoch, reader_range, worker_quotas
 from pipelines.reading import Split
 from pipelines.workers import storage_environment
 from shard_tools import storage
+from shard_tools.format import TRAIN_UNLABELED
 
 pipelines_built = False  # set once this process has built a DALI pipeline (pipelines.workers reads it)
 
@@ -283,7 +284,7 @@ def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size
     """A built pipeline over `shards` (part `shard_id` of `num_shards`, supervised rows) whose first outputs
     are one uint8 CHW view per spec; for checks that look at the views alone."""
     counts = [_count(shard) for shard in shards]
-    split = Split("views", tuple(shards), tuple(counts), 1 << 30)
+    split = Split(TRAIN_UNLABELED, tuple(shards), tuple(counts), 0)  # labels as stored, unchecked
     total = sum(counts)
     part = len(reader_range(total, shard_id, num_shards))
     feed = TrainFeed(split, split, tuple(specs), batch_size, 0, seed, shuffle_buffer, shard_id, num_shards, 1, 0,

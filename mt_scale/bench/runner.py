@@ -50,6 +50,7 @@ TARGETS = (
     ("pipeline/best_vs_ceiling", ">=", 0.35, "best backend at least 35% of the decode-only ceiling"),
     ("train/step_ratio", "<=", 1.45, "Mean Teacher step at most 1.45x a supervised step"),
     ("ema/speedup", ">=", 1.25, "fused EMA update at least 1.25x faster than the per-parameter loop"),
+    ("loader/dali_s3_vs_local", ">=", 0.8, "DALI from s3:// at least 0.8x DALI from a local folder"),
 )
 
 
