@@ -120,12 +120,15 @@ _FEED_ERROR = re.compile(r"PipelineError: (.+)$", re.MULTILINE)
 
 
 def error_line(exc: BaseException, what: str) -> str:
-    """One line for a failed pipeline run: a reader's own PipelineError (from its worker) as it was raised."""
-    found = _FEED_ERROR.findall(str(exc))
+    """One line for a failed pipeline run: a reader's own PipelineError (from its worker) as it was raised,
+    else what DALI says it encountered (an image that passed the readers' check but does not decode)."""
+    text = str(exc)
+    found = _FEED_ERROR.findall(text)
     if found:
         return found[-1].strip()
-    return (f"DALI failed on a batch of {what}: {_first_line(str(exc))}; check the set with "
-            "`mt-shard verify --decode`, or use data.backend=torch")
+    reason = _first_line(text.split("encountered:", 1)[1]) if "encountered:" in text else _first_line(text)
+    return (f"DALI failed on a batch of {what}: {reason}; find the image with `mt-shard verify --decode` and "
+            "re-pack its shard, or use data.backend=torch, which skips undecodable images")
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:

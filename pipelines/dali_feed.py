@@ -15,7 +15,6 @@ import itertools
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -55,11 +54,9 @@ def complete_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return jpeg_size(data)
 
 
-@lru_cache(maxsize=1)
-def padding_jpeg() -> np.ndarray:
-    """A tiny black JPEG for the padding rows of a val batch (label -1, not valid)."""
-    ok, encoded = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
-    return encoded.reshape(-1)
+# a tiny black JPEG for the padding rows of a val batch (label -1, not valid); encoded on import, so a
+# forked reader never calls OpenCV (a child forked after OpenCV's thread pool exists can hang in it)
+PADDING_JPEG = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
 
 
 def dali_matrix(matrix: np.ndarray) -> np.ndarray:
@@ -234,7 +231,7 @@ class ValFeed:
     def _batch(self, index: int, rows: list, skipped: int, rng: np.random.Generator,
                last: bool) -> tuple[list[np.ndarray], ...]:
         columns: list[list[np.ndarray]] = [[] for _ in feed_names((self.spec,))]
-        padding = [("", padding_jpeg().tobytes(), -1, (8, 8))] * (self.batch_size - len(rows))
+        padding = [("", PADDING_JPEG, -1, (8, 8))] * (self.batch_size - len(rows))
         for key, data, label, (width, height) in rows + padding:
             values = [np.frombuffer(data, dtype=np.uint8), np.array(label, dtype=np.int64), _key_bytes(key),
                       None, *view_params((self.spec,), width, height, rng)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from pipelines import DataConfig, build_loaders
+from pipelines.errors import PipelineError
 
 pytest.importorskip("nvidia.dali")
 
@@ -128,6 +130,40 @@ def test_dali_skips_a_damaged_image_as_the_torch_backend_does(damaged_digits, di
     assert [b["key"] for b in runs["dali"][1]] == [b["key"] for b in runs["torch"][1]]
 
 
+def _scramble_huffman_tables(shards, split: str) -> str:
+    """Fill the Huffman table segment of one image of `split` with 0xFF bytes in place: its markers and
+    size still read, but no decoder can decode it. Returns its key."""
+    from shard_tools.format import index_name, parse_index
+    from shard_tools.manifest import read_manifest
+
+    shard = shards / read_manifest(shards).split(split).shards[0]
+    key, members = parse_index(open(index_name(str(shard))).read())[3]
+    offset, size = members["jpg"]
+    with open(shard, "r+b") as handle:
+        handle.seek(offset)
+        data = bytearray(handle.read(size))
+        table = data.index(b"\xff\xc4")
+        length = int.from_bytes(data[table + 2:table + 4], "big")
+        data[table + 4:table + 2 + length] = b"\xff" * (length - 2)
+        handle.seek(offset)
+        handle.write(data)
+    return key
+
+
+@pytest.mark.timeout(120)
+def test_an_image_dali_cannot_decode_is_one_line(damaged_digits, digits_config):
+    shards, _, _ = damaged_digits
+    _scramble_huffman_tables(shards, "val")
+    readers_before = set(multiprocessing.active_children())
+    loaders = build_loaders(shards, digits_config(), backend="dali")
+    with pytest.raises(PipelineError) as error:
+        take(loaders.val)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("DALI failed on a batch of val: Failed to decode"), message
+    assert "mt-shard verify --decode" in message and "data.backend=torch" in message
+    assert not [p for p in multiprocessing.active_children() if p not in readers_before and p.is_alive()]
+
+
 @pytest.mark.parametrize("preset", ["imagenet-eval", "digits-eval"])
 def test_dali_and_torch_eval_views_agree(photo_shards, digits_shards, preset):
     shards = photo_shards if preset == "imagenet-eval" else digits_shards
@@ -160,6 +196,7 @@ def test_photo_views_follow_the_torch_backend(photo_shards):
 BOTH_BACKENDS = """
 import sys
 from pipelines import DataConfig, build_loaders
+from pipelines.errors import PipelineError
 
 cfg = DataConfig(batch_size=64, labeled_per_batch=16, student_aug="digits-train", teacher_aug="digits-train",
                  eval_aug="digits-eval", workers=2, shuffle_buffer=64, eval_batch_size=128)
