@@ -83,10 +83,11 @@ def start_method() -> str:
 
 
 def build_pipelines(feeds: Sequence[Callable], specs: Sequence[AugmentSpec], batch_size: int,
-                    device_id: int | None) -> list:
-    """Built pipelines, one per feed; every Python worker starts before the first build (fork rule)."""
+                    device_id: int | None, threads: int | None = None) -> list:
+    """Built pipelines, one per feed (`threads` DALI threads each, default: the cores shared out); every
+    Python worker starts before the first build (DALI's rule for forking them)."""
     global pipelines_built
-    threads = max(1, len(os.sched_getaffinity(0)) // max(len(feeds), 1))
+    threads = threads or max(1, len(os.sched_getaffinity(0)) // max(len(feeds), 1))
     method = start_method()
     pipes = [feed_pipeline(feed, specs, batch_size, threads=threads, device_id=device_id, start_method=method)
              for feed in feeds]
@@ -293,7 +294,7 @@ def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size
     feed = TrainFeed(split, split, tuple(specs), batch_size, 0, seed, shuffle_buffer, shard_id, num_shards, 1, 0,
                      (part // batch_size,), part // batch_size, 0, ((0, 0, 0),),
                      storage.environment(shards[0]))
-    return build_pipelines([feed], specs, batch_size, device_id)[0]
+    return build_pipelines([feed], specs, batch_size, device_id, threads)[0]
 
 
 def _count(shard: str) -> int:
