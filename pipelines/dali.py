@@ -40,6 +40,7 @@ def view_graph(image, spec: AugmentSpec, inputs: dict, view: int, gpu: bool):
         return node.gpu() if gpu else node
 
     out_h, out_w = spec.output_size
+    # warp_affine has no reflecting border: a reflect_pad view repeats the edge pixels instead
     rendered = fn.warp_affine(image, matrix=inputs[f"matrix{view}"], size=[out_h, out_w], inverse_map=False,
                               fill_value=None if spec.reflect_pad else 0.0, interp_type=types.INTERP_LINEAR)
     if spec.has_colour:

@@ -42,6 +42,7 @@ def assert_views_close(torch_batches: list[dict], dali_batches: list[dict]) -> N
             assert difference.mean() < 0.05 and difference.max() <= 2, (name, ours["key"][:2])
 
 
+@pytest.mark.timeout(300)
 def test_dali_batches_hold_labeled_then_unlabeled_rows(digits_shards, digits_content, digits_config):
     loaders = build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True)
     # two readers, as the torch backend's two workers: 604 unlabeled samples each, 12 batches of 48
@@ -61,12 +62,14 @@ def test_dali_batches_hold_labeled_then_unlabeled_rows(digits_shards, digits_con
     assert loaders.train.epoch == 1 and loaders.train.skipped == 0
 
 
+@pytest.mark.timeout(300)
 def test_dali_views_are_equal_without_augmentation(digits_shards, digits_config):
     loaders = build_loaders(digits_shards, digits_config(student_aug="none", teacher_aug="none"), backend="dali")
     batch = take(loaders.train, 1)[0]
     assert torch.equal(batch["student"], batch["teacher"])
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(("rank", "world_size", "workers"), [(0, 1, 2), (1, 2, 1), (0, 1, 3)])
 def test_dali_gives_the_torch_backend_batches(digits_shards, digits_config, rank, world_size, workers):
     cfg = digits_config(workers=workers, seed=5)
@@ -83,6 +86,7 @@ def test_dali_gives_the_torch_backend_batches(digits_shards, digits_config, rank
         assert (ours["image"].float() - theirs["image"].float()).abs().max() <= 1
 
 
+@pytest.mark.timeout(300)
 def test_two_dali_ranks_cover_the_epoch_once(digits_shards, digits_content, digits_config):
     ranks = [build_loaders(digits_shards, digits_config(), rank=r, world_size=2, backend="dali", with_keys=True)
              for r in range(2)]
@@ -95,6 +99,7 @@ def test_two_dali_ranks_cover_the_epoch_once(digits_shards, digits_content, digi
     assert sorted(val[0] + val[1]) == sorted(digits_content["val"])
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("stop", [6, 7, 24 + 5])
 def test_dali_resume_equals_an_unbroken_run(digits_shards, digits_config, stop):
     unbroken = build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True)
@@ -117,6 +122,7 @@ def test_dali_resume_equals_an_unbroken_run(digits_shards, digits_config, stop):
     assert resumed.train.epoch == 2
 
 
+@pytest.mark.timeout(300)
 def test_dali_skips_a_damaged_image_as_the_torch_backend_does(damaged_digits, digits_config):
     shards, corrupt_one_image, _ = damaged_digits
     bad_keys = {corrupt_one_image("zeros"), corrupt_one_image("truncated")}
@@ -164,6 +170,7 @@ def test_an_image_dali_cannot_decode_is_one_line(damaged_digits, digits_config):
     assert not [p for p in multiprocessing.active_children() if p not in readers_before and p.is_alive()]
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("preset", ["imagenet-eval", "digits-eval"])
 def test_dali_and_torch_eval_views_agree(photo_shards, digits_shards, preset):
     shards = photo_shards if preset == "imagenet-eval" else digits_shards
@@ -179,6 +186,7 @@ def test_dali_and_torch_eval_views_agree(photo_shards, digits_shards, preset):
         assert difference.mean() < 1.0 and torch.quantile(difference.flatten(), 0.99) <= 8, key
 
 
+@pytest.mark.timeout(300)
 def test_photo_views_follow_the_torch_backend(photo_shards):
     # imagenet-train: rotation, random-resized crop, flip and colour jitter from the same draws
     cfg = DataConfig(batch_size=8, labeled_per_batch=4, student_aug="imagenet-train", teacher_aug="imagenet-train",
@@ -220,6 +228,7 @@ def test_both_backends_in_one_process_in_either_order(digits_shards, digits_cont
     assert result.stdout.split("\n")[:2] == [f"{name} 24 5 {val}" for name in order.split(",")]
 
 
+@pytest.mark.timeout(300)
 def test_spawned_readers_give_the_forked_readers_batches(digits_shards, digits_config, monkeypatch):
     # after CUDA is initialised DALI must spawn its Python workers: the feeds travel pickled
     forked = take(build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True).train, 3)
