@@ -15,12 +15,21 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from pipelines.augment import LUMA, AugmentSpec
-from pipelines.dali_feed import TRAIN_META, VAL_META, TrainFeed, ValFeed, epoch_schedule, feed_names
+from pipelines.dali_feed import (
+    TRAIN_META,
+    VAL_META,
+    TrainFeed,
+    ValFeed,
+    epoch_schedule,
+    feed_names,
+    settle_reader,
+)
 from pipelines.errors import PipelineError
 from pipelines.loaders import LoaderRequest, TrainLoader, ValLoader
 from pipelines.mixing import batches_per_epoch, reader_range, worker_quotas
@@ -30,6 +39,16 @@ from shard_tools import storage
 from shard_tools.format import TRAIN_UNLABELED
 
 pipelines_built = False  # set once this process has built a DALI pipeline (pipelines.workers reads it)
+# while this process forks the readers: its pid and whether the main thread forks them
+_forking_readers: tuple[int, bool] | None = None
+
+
+def _reader_after_fork() -> None:
+    if _forking_readers is not None:  # a reader DALI just forked (a spawned one settles in its feed)
+        settle_reader(*_forking_readers)
+
+
+os.register_at_fork(after_in_child=_reader_after_fork)
 
 
 def view_graph(image, spec: AugmentSpec, inputs: dict, view: int, gpu: bool):
@@ -83,19 +102,28 @@ def start_method() -> str:
     return "spawn" if backend.IsDriverInitialized() or torch.cuda.is_initialized() else "fork"
 
 
+def reader_parent() -> tuple[int, bool]:
+    """This process's pid and whether this is its main thread: what a reader started now settles with."""
+    return os.getpid(), threading.current_thread() is threading.main_thread()
+
+
 def build_pipelines(feeds: Sequence[Callable], specs: Sequence[AugmentSpec], batch_size: int,
                     device_id: int | None, threads: int | None = None) -> list:
     """Built pipelines, one per feed (`threads` DALI threads each, default: the cores shared out); every
     Python worker starts before the first build (DALI's rule for forking them)."""
-    global pipelines_built
+    global pipelines_built, _forking_readers
     threads = threads or max(1, len(os.sched_getaffinity(0)) // max(len(feeds), 1))
     method = start_method()
     pipes = [feed_pipeline(feed, specs, batch_size, threads=threads, device_id=device_id, start_method=method)
              for feed in feeds]
     pipelines_built = True  # DALI's native threads live here now: no plain fork (pipelines.workers)
     try:
-        for pipe in pipes:
-            pipe.start_py_workers()
+        _forking_readers = reader_parent()
+        try:
+            for pipe in pipes:
+                pipe.start_py_workers()
+        finally:
+            _forking_readers = None
         for pipe in pipes:
             pipe.build()
     except RuntimeError as exc:
@@ -204,7 +232,8 @@ def _train_readers(request: LoaderRequest, device_id: int | None) -> tuple[DaliR
         epoch, starts = position
         feeds = [TrainFeed(request.labeled, request.unlabeled, (request.student, request.teacher),
                            cfg.labeled_per_batch, cfg.unlabeled_per_batch, cfg.seed, cfg.shuffle_buffer, request.rank,
-                           request.world_size, workers, k, quotas, length, epoch, starts, environment)
+                           request.world_size, workers, k, quotas, length, epoch, starts, environment,
+                           reader_parent())
                  for k in range(workers)]
         return [f if f.scheduled([s[0] for s in starts]) or f.scheduled([0] * workers) else None for f in feeds]
 
@@ -240,8 +269,9 @@ def _val_loader(request: LoaderRequest, device_id: int | None) -> tuple[DaliRead
     size = cfg.eval_batch_size
     environment = storage_environment(request)
     shares = [reader_range(val.total, request.rank, request.world_size, k, workers) for k in range(workers)]
-    readers = DaliReaders(lambda _: [ValFeed(val, request.eval_spec, size, share, environment) if len(share) else None
-                                     for share in shares], (request.eval_spec,), size, device_id, f"{val.name}")
+    readers = DaliReaders(lambda _: [ValFeed(val, request.eval_spec, size, share, environment, reader_parent())
+                                     if len(share) else None for share in shares],
+                          (request.eval_spec,), size, device_id, val.name)
 
     def val_pass() -> Iterator[dict]:
         readers.open("pass")

@@ -11,7 +11,12 @@ in the pipeline's parallel external-source workers (one dedicated worker per rea
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
+import os
+import signal
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +34,24 @@ from shard_tools import storage
 TRAIN_META = ("epoch", "worker", "index", "skipped", "labeled_position", "unlabeled_position")
 # meta columns of a val row
 VAL_META = ("index", "skipped", "valid_rows", "last")
+
+
+def settle_reader(parent: int, from_main_thread: bool) -> None:
+    """In a reader process (forked or spawned by DALI): outlive mt-train's pre-emption signal, not the trainer.
+
+    SIGTERM reaches the whole process group; the trainer handles it (a checkpoint at the next step),
+    and a reader it killed would deadlock DALI's pool (its task queue notifies sleepers and waits for
+    them to wake). So a reader ignores SIGTERM and ends when its pipeline is closed, or with process
+    `parent` that started it (PR_SET_PDEATHSIG, where its main thread started it: the signal follows
+    the starting thread).
+    """
+    with contextlib.suppress(ValueError):  # signal.signal works in the main thread only
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if from_main_thread and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the trainer was already gone
+            os._exit(0)
 
 
 def feed_names(specs: Sequence[AugmentSpec]) -> list[str]:
@@ -139,6 +162,7 @@ class TrainFeed:
     epoch: int
     starts: tuple[tuple[int, int, int], ...]
     storage_environment: dict[str, str] | None = None
+    parent: tuple[int, bool] | None = None  # for settle_reader
 
     def scheduled(self, first: Sequence[int]) -> list[int]:
         return [index for reader, index in epoch_schedule(self.quotas, first, self.epoch_length)
@@ -150,6 +174,8 @@ class TrainFeed:
         return EncodedDraws(split, samples, (self.seed, epoch, self.rank, self.worker, tag), self.shuffle_buffer)
 
     def __call__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
+        if self.parent is not None:
+            settle_reader(*self.parent)
         storage.apply_environment(self.storage_environment)
         # as the torch backend: with U = 0 the labeled stream defines the epoch, so no sharing
         whole = self.unlabeled_rows > 0 and reads_whole_split(self.labeled.total, self.world_size * self.workers,
@@ -202,8 +228,11 @@ class ValFeed:
     batch_size: int
     samples: range
     storage_environment: dict[str, str] | None = None
+    parent: tuple[int, bool] | None = None  # for settle_reader
 
     def __call__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
+        if self.parent is not None:
+            settle_reader(*self.parent)
         storage.apply_environment(self.storage_environment)
         rng = np.random.default_rng(0)  # eval views draw nothing random
         while True:

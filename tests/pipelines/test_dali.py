@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 
@@ -235,3 +238,28 @@ def test_spawned_readers_give_the_forked_readers_batches(digits_shards, digits_c
     monkeypatch.setattr("pipelines.dali.start_method", lambda: "spawn")
     spawned = take(build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True).train, 3)
     assert_same_views(forked, spawned)
+
+
+@pytest.mark.timeout(300)
+def test_readers_outlive_a_preemption_signal_and_end_with_their_pipelines(digits_shards, digits_config):
+    # SIGTERM reaches the whole process group: mt-train handles it (a flag, then a checkpoint), and the
+    # readers go on, so the epoch is the unbroken one; closing the pipelines ends them
+    full = take(build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True).train)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        before = set(multiprocessing.active_children())
+        loaders = build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True)
+        batches = iter(loaders.train)
+        got = take(batches, 3)
+        readers = [p for p in multiprocessing.active_children() if p not in before]
+        assert len(readers) == 2
+        for reader in readers:
+            os.kill(reader.pid, signal.SIGTERM)
+        got += take(batches)
+        assert all(reader.is_alive() for reader in readers)
+        assert_same_views(got, full)
+        del batches, loaders
+        gc.collect()  # the pipelines go, and with them their Python workers
+        assert not [reader for reader in readers if reader.is_alive()]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
