@@ -186,15 +186,19 @@ class Draws:
             if render_views(data, specs, draw_rng(self.stream_seed, self.position - 1), outs, self.max_pixels):
                 self._failures = 0
                 return key, label
-            self.skipped += 1
-            self._failures += 1
-            # two passes' worth of consecutive failures always holds a whole pass: nothing here decodes
-            if self._failures >= 2 * len(self.samples):
-                raise PipelineError(
-                    f"{_shard_names(self.split, self.samples)}: none of the {len(self.samples)} {self.split.name} "
-                    "images this reader holds decodes; check the set with `mt-shard verify --decode` and re-pack it")
-            if self._failures <= 3:
-                warnings.warn(f"skipping sample {key!r}: {_UNUSABLE}", stacklevel=1)
+            self.skip_undecodable(key)
+
+    def skip_undecodable(self, key: str) -> None:
+        """Count draw `key` as skipped (the next draw takes its place); one line once nothing decodes."""
+        self.skipped += 1
+        self._failures += 1
+        # two passes' worth of consecutive failures always holds a whole pass: nothing here decodes
+        if self._failures >= 2 * len(self.samples):
+            raise PipelineError(
+                f"{_shard_names(self.split, self.samples)}: none of the {len(self.samples)} {self.split.name} "
+                "images this reader holds decodes; check the set with `mt-shard verify --decode` and re-pack it")
+        if self._failures <= 3:
+            warnings.warn(f"skipping sample {key!r}: {_UNUSABLE}", stacklevel=1)
 
 
 def _guarded(batches: Iterator[dict]) -> Iterator[dict]:

@@ -71,6 +71,7 @@ TARGETS = (
     Target("train/mean_teacher", ">=", 1000.0,
            "Mean Teacher step at least 1,000 img/s (resnet152, bf16, 224 px; the preset's 40 rows per device)",
            "cuda"),  # fmt: skip
+    Target("loader/dali_s3_vs_local", ">=", 0.8, "DALI from s3:// at least 0.8x DALI from a local folder"),
 )
 
 
