@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,37 +233,46 @@ def _train_epoch(run: Run, bar: tqdm) -> None:
     labels are checked on the host before the step moves them, and the divergence check and the
     ranks' agreement on a stop request come at log steps (and before every checkpoint).
     """
-    state, cfg = run.state, run.cfg
+    state = run.state
     run.loaders.set_epoch(state.epoch)
     batches = iter(run.loaders.train)
     while state.batch_in_epoch < run.batches_per_epoch:
-        batch_start = time.perf_counter()
-        batch, batches = next_batch(batches, run.loaders, run.stop)
-        epoch = state.epoch + state.batch_in_epoch / run.batches_per_epoch
-        run.labels.check(batch["label"][: run.step.student_rows])
-        out = run.step(batch, state.step, epoch)
-        state.batch_in_epoch += 1
-        state.images_seen += run.images_per_batch
-        state.train_seconds += time.perf_counter() - batch_start  # loading included: end-to-end rate
-        run.window.add(out.losses)
-        if not out.stepped:
-            continue
-        state.step = out.step
-        bar.update(1)
-        at_log_step = state.step % cfg.run.log_every_steps == 0 or state.step == run.total_steps
-        if at_log_step:
-            _check_window(run)
-            _log_train(run, out.consistency_weight, epoch, bar)
-        # A step boundary: every rank takes the same decision here (the SIGTERM flag is all-reduced at
-        # log steps; a single process reads its own flag every step).
-        if run.stop_after_steps is not None and state.step >= run.stop_after_steps:
-            run.stopped_by = "stop_after_steps"
-        elif run.stop.agreed(run.accelerator, exchange=at_log_step):
-            run.stopped_by = run.stop.signal_name or "SIGTERM"  # signalled on another rank
+        started = time.perf_counter()
+        batches = _train_batch(run, batches, bar)
+        # loading, the step, the loss bookkeeping and logging: the end-to-end rate report.json gives
+        state.train_seconds += time.perf_counter() - started
         if run.stopped_by is not None:
             return
     state.epoch += 1
     state.batch_in_epoch = 0
+
+
+def _train_batch(run: Run, batches: Iterator[dict], bar: tqdm) -> Iterator[dict]:
+    """One batch: load it, check its labels, step, add up its losses; at a step boundary, log and decide
+    whether to stop. Returns the iterator to continue with."""
+    state, cfg = run.state, run.cfg
+    batch, batches = next_batch(batches, run.loaders, run.stop)
+    epoch = state.epoch + state.batch_in_epoch / run.batches_per_epoch
+    run.labels.check(batch["label"][: run.step.student_rows])
+    out = run.step(batch, state.step, epoch)
+    state.batch_in_epoch += 1
+    state.images_seen += run.images_per_batch
+    run.window.add(out.losses)
+    if not out.stepped:
+        return batches
+    state.step = out.step
+    bar.update(1)
+    at_log_step = state.step % cfg.run.log_every_steps == 0 or state.step == run.total_steps
+    if at_log_step:
+        _check_window(run)
+        _log_train(run, out.consistency_weight, epoch, bar)
+    # A step boundary: every rank takes the same decision here (the SIGTERM flag is all-reduced at log
+    # steps; a single process reads its own flag every step).
+    if run.stop_after_steps is not None and state.step >= run.stop_after_steps:
+        run.stopped_by = "stop_after_steps"
+    elif run.stop.agreed(run.accelerator, exchange=at_log_step):
+        run.stopped_by = run.stop.signal_name or "SIGTERM"  # signalled on another rank
+    return batches
 
 
 def _check_window(run: Run) -> None:

@@ -3,9 +3,10 @@
 The loop is `mt_scale.train.train` on a packed set (by default the digits, packed as
 `mt-shard pack digits --labels-per-class 5` packs them) with the preset's loaders and logging
 cadence, no evaluation or checkpoint between epochs, one checkpoint at the end. Its rate is its own
-report's `images_per_sec`: images seen / `train_seconds`, the seconds from asking the loader for each
-batch to the step's return (loading, the label check and the step); setup, the loss bookkeeping and
-log rows after each step, the final evaluation, checkpoint and export are not in it.
+report's `images_per_sec`: images seen / `train_seconds`, the seconds of the loop's batches from
+asking the loader for each to the end of its step boundary (loading, the label check, the step, the
+loss bookkeeping, log rows and the stop check); setup, the final evaluation, checkpoint and export
+are not in it.
 
 The bare step is the same `MeanTeacherStep`, built as the loop builds it, run over the same batches
 from the same loader (fetched into memory first), for the same number of steps, timed from its
