@@ -200,6 +200,16 @@ def _fits(model_name: str, device: Device, image_size: int, overrides: list[str]
             torch.cuda.empty_cache()
 
 
+def _peak_memory_gib(device: Device) -> Callable[[], float | None]:
+    """A reading of the device memory allocated at most since now (GiB; None on a CPU)."""
+    import torch
+
+    if device.name != "cuda":
+        return lambda: None
+    torch.cuda.reset_peak_memory_stats()
+    return lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
 def time_steps(options: TrainOptions, target: Device, model_name: str, image_size: int, batch_size: int,
                overrides: list[str], suffix: str = "") -> list[dict]:  # fmt: skip
     """Images/s of each kind at `batch_size` rows and `train/step_ratio{suffix}`, the kinds alternating."""
@@ -207,6 +217,7 @@ def time_steps(options: TrainOptions, target: Device, model_name: str, image_siz
     if not 1 <= labeled <= batch_size:
         raise MtScaleError(f"--labeled-per-batch {labeled}: must be in 1..--batch-size ({batch_size})")
     bench = StepBench(preset_config(model_name, target, batch_size, labeled, overrides), target, image_size)
+    memory = _peak_memory_gib(target)
     steps = options.steps
     calls = [functools.partial(bench.run, kind) for kind in KINDS]
     alternate(calls, 3 if target.name == "cuda" else 1, target.sync)  # first steps allocate and pick kernels
@@ -222,7 +233,7 @@ def time_steps(options: TrainOptions, target: Device, model_name: str, image_siz
         "steps": steps, "device": target.name, "precision": target.precision,
         "channels_last": target.channels_last, "compile": options.compile, "cuda_graph": options.cuda_graph,
         "two_heads": bench.cfg.model.two_heads, "consistency": bench.cfg.mt.consistency,
-        "step": "mt_scale.step.MeanTeacherStep",
+        "step": "mt_scale.step.MeanTeacherStep", "peak_memory_gib": memory(),
     }  # fmt: skip
     modes = {"supervised": "use_teacher=False", "mean_teacher": "mt.enabled=true",
              "supervised_baseline": "mt.enabled=false (mt-train's baseline: labeled rows only)"}  # fmt: skip
