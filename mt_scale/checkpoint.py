@@ -29,6 +29,7 @@ from mt_scale.checkpoint_files import (
     torch_load,
 )
 from mt_scale.errors import MtScaleError
+from mt_scale.teacher import average_buffers_over_ranks
 from shard_tools.files import atomic_output
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ def save_checkpoint(
     """
     from safetensors.torch import save_model
 
+    average_buffers_over_ranks(teacher)  # every rank saves, and resumes from, the rank-averaged statistics
     root = Path(run_dir) / CHECKPOINTS_DIR
     name = f"step-{state.step:08d}"
     final, tmp = root / name, root / f".{name}.tmp"

@@ -46,6 +46,7 @@ def evaluate_run(
     # BatchNorm statistics differ per rank until averaged; average so every rank scores one model.
     student = accelerator.unwrap_model(student)
     average_buffers_over_ranks(student)
+    average_buffers_over_ranks(teacher)
     result: dict[str, float] = {}
     for name, model in (("student", student), ("teacher", teacher)):
         scores = _scores(accelerator, model, loaders, cfg, stop)
@@ -80,15 +81,58 @@ def _scores(
 
 def checked_label_rows(labels: torch.Tensor, num_classes: int, shards: str, split: str) -> torch.Tensor:
     """`labels` (-1 = unlabeled), after checking every one names a class of the shard set."""
+    if labels.device.type == "cpu":
+        values = labels.numpy()  # host labels: checked without a torch op
+        bad = (values >= num_classes) | (values < -1)
+        if bad.any():
+            raise _bad_label(int(values[bad][0]), num_classes, shards, split)
+        return labels
     bad = (labels >= num_classes) | (labels < -1)
     if labels.numel() and bool(bad.any()):
-        value = int(labels[bad][0])
-        raise MtScaleError(
-            f"{shards}: a {split} batch holds label {value}, but the manifest lists {num_classes} classes "
-            f"(labels 0..{num_classes - 1}); the set is damaged or mixes shards of another set: "
-            f"check it with mt-shard verify --decode {shards}"
-        )
+        raise _bad_label(int(labels[bad][0]), num_classes, shards, split)
     return labels
+
+
+class LabelCheck:
+    """The training loop's label check: at once on the host, or a device flag read at log steps.
+
+    Labels the loader left on the host (the PyTorch backend) are checked as they come, with no torch
+    op; labels already on the device (DALI on a GPU) add to a device-side range read by
+    `raise_if_bad`, so no batch waits for the device.
+    """
+
+    def __init__(self, num_classes: int, shards: str, split: str) -> None:
+        self.num_classes, self.shards, self.split = num_classes, shards, split
+        self._range: torch.Tensor | None = None  # [lowest, highest] label seen on the device
+
+    def check(self, labels: torch.Tensor) -> None:
+        if labels.device.type == "cpu" or not labels.numel():
+            checked_label_rows(labels, self.num_classes, self.shards, self.split)
+            return
+        seen = torch.stack([labels.min(), labels.max()])
+        if self._range is None:
+            self._range = seen
+        else:
+            self._range = torch.stack([self._range[0].minimum(seen[0]), self._range[1].maximum(seen[1])])
+
+    def raise_if_bad(self) -> None:
+        """Raise the one-line error if a device batch held a label outside the classes (a host read)."""
+        if self._range is None:
+            return
+        lowest, highest = self._range.tolist()
+        self._range = None
+        if highest >= self.num_classes:
+            raise _bad_label(int(highest), self.num_classes, self.shards, self.split)
+        if lowest < -1:
+            raise _bad_label(int(lowest), self.num_classes, self.shards, self.split)
+
+
+def _bad_label(value: int, num_classes: int, shards: str, split: str) -> MtScaleError:
+    return MtScaleError(
+        f"{shards}: a {split} batch holds label {value}, but the manifest lists {num_classes} classes "
+        f"(labels 0..{num_classes - 1}); the set is damaged or mixes shards of another set: "
+        f"check it with mt-shard verify --decode {shards}"
+    )
 
 
 def _checked_labels(batches: Iterable[dict], num_classes: int, shards: str, split: str) -> Iterator[dict]:
