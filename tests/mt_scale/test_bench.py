@@ -15,7 +15,7 @@ import torch
 
 from mt_scale.bench.common import figure
 from mt_scale.bench.pipeline import derived_figures
-from mt_scale.bench.runner import TARGETS, check_targets, format_table
+from mt_scale.bench.runner import TARGETS, check_targets, format_table, loader_vs_step
 from mt_scale.bench.train import graph_speedup, is_out_of_memory, largest_batch
 from mt_scale.cli import bench_main
 from mt_scale.errors import MtScaleError
@@ -102,6 +102,19 @@ def test_targets_are_judged_on_the_device_they_name() -> None:
     assert checks == [("train/e2e_vs_step", ">= 0.95", True), ("ema/speedup", ">= 10.0", False)]
     unknown_device = [figure("ema/speedup", "x", [4.0])]
     assert check_targets(unknown_device) == []
+
+
+def test_loader_vs_step_compares_the_loader_training_would_use() -> None:
+    step = figure("train/mean_teacher", "img/s", [500.0, 700.0, 600.0], device="cuda", batch_size=40)
+    dali = figure("pipeline/dali", "img/s", [9000.0], backend="dali", device="cuda")
+    torch_loader = figure("pipeline/torch", "img/s", [900.0], backend="torch", device="cuda")
+    (ratio,) = loader_vs_step([step, torch_loader, dali])
+    assert ratio["values"] == [15.0] and ratio["detail"]["loader"] == "pipeline/dali"  # medians: 9000 / 600
+    assert [(c["figure"], c["holds"]) for c in check_targets([ratio])] == [("pipeline/loader_vs_step", True)]
+    on_cpu = figure("train/mean_teacher", "img/s", [60.0], device="cpu")
+    (cpu_ratio,) = loader_vs_step([on_cpu, torch_loader, dali])
+    assert cpu_ratio["values"] == [15.0] and cpu_ratio["detail"]["loader"] == "pipeline/torch"
+    assert check_targets([cpu_ratio]) == [] and loader_vs_step([dali]) == []
 
 
 def test_largest_batch_doubles_until_out_of_memory_then_bisects() -> None:
