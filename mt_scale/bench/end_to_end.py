@@ -109,8 +109,11 @@ def run_loop(cfg: Config, device: Device) -> dict:
     return result.report
 
 
-def time_bare_step(cfg: Config, device: Device, steps: int) -> float:
-    """Images/s of the loop's step alone over `steps` of the loop's own batches, held in memory."""
+def time_bare_step(cfg: Config, device: Device, steps: int, device_limit: int | None = None) -> float:
+    """Images/s of the loop's step alone over `steps` of the loop's own batches, held in memory.
+
+    `device_limit` is the most rows per device the loop ran with (its report's plan), so the step
+    is laid out in the same micro-batches."""
     import torch
     from accelerate import Accelerator
 
@@ -118,7 +121,7 @@ def time_bare_step(cfg: Config, device: Device, steps: int) -> float:
     from mt_scale.step import MeanTeacherStep, create_training
     from pipelines import build_loaders
 
-    cfg = resolve_for_devices(cfg, 1)
+    cfg = resolve_for_devices(cfg, 1, measured_limit=device_limit)
     with _on(device):
         accelerator = Accelerator(  # as mt_scale.train builds it, without the trackers
             mixed_precision=cfg.run.mixed_precision, gradient_accumulation_steps=cfg.run.grad_accum_steps,
@@ -153,7 +156,7 @@ def time_end_to_end(setup: EndToEnd, device: Device, repeats: int, work_dir: Pat
         report = run_loop(cfg, device)
         steps = int(report["steps"])
         loop_rates.append(float(report["images_per_sec"]))
-        step_rates.append(time_bare_step(cfg, device, steps))
+        step_rates.append(time_bare_step(cfg, device, steps, report.get("batch", {}).get("device_limit")))
         ratios.append(loop_rates[-1] / step_rates[-1])
     shutil.rmtree(cfg.run.output_dir, ignore_errors=True)
     detail = {
