@@ -209,6 +209,7 @@ def test_open_set_lists_s3_urls(s3_env: str, pushed_digits: str):
 
 # Training end to end (mt_scale on top of these loaders): the session's reference run, from the store.
 @pytest.mark.slow
+@pytest.mark.xdist_group("reference_runs")  # in the pytest-xdist worker that holds the reference run
 @pytest.mark.timeout(600)
 def test_training_from_s3_gives_the_local_teacher_and_keeps_secrets_out(s3_env: str, pushed_digits: str,
                                                                         reference_run, torch_thread, tmp_path: Path):
