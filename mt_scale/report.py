@@ -396,5 +396,26 @@ def trackers(log_with: str, run_dir: Path) -> list[Any]:
                 f"run.log_with={log_with!r}: the {name} package is not installed; pip install {name}, or set "
                 "run.log_with=tensorboard"
             )
+    if "tensorboard" in names:
+        quiet_writer_thread_errors()
     return [tracking.TensorBoardTracker(TENSORBOARD_DIR, str(run_dir)) if name == "tensorboard" else name
             for name in dict.fromkeys(names)]  # fmt: skip
+
+
+def quiet_writer_thread_errors() -> None:
+    """Drop the traceback Python prints when TensorBoard's writer thread fails (a full disk): the thread
+    keeps the error and the training loop's next write raises it, where it becomes the run's one line."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "keeps_writer_errors", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        thread = args.thread
+        if type(thread).__name__ == "_AsyncWriterThread" and getattr(thread, "exception", None) is args.exc_value:
+            return  # recorded on the thread; raised again in the training loop
+        previous(args)
+
+    hook.keeps_writer_errors = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
