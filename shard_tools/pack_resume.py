@@ -13,6 +13,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from shard_tools.bounded import load_json
 from shard_tools.errors import os_error_message
 from shard_tools.files import (
     atomic_write,
@@ -50,6 +51,15 @@ def _damaged_shard(out: Path, manifest: Manifest) -> str | None:
     return None
 
 
+def _read_state(out: Path) -> dict:
+    """The resume state's object, parsed bounded; empty when it is unreadable or damaged."""
+    try:
+        state = load_json((out / STATE_NAME).read_bytes(), str(out / STATE_NAME), ShardFormatError, fix="")
+    except (OSError, ShardFormatError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def out_state(out: Path, pack_args: dict) -> str:
     """'new', 'resume' or 'complete'; raises when OUT holds something else."""
     if not out.exists():
@@ -66,10 +76,7 @@ def out_state(out: Path, pack_args: dict) -> str:
         return "complete"
     state_file = out / STATE_NAME
     if state_file.exists():
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            state = {}
+        state = _read_state(out)
         if isinstance(state, dict) and state.get("pack_args") == pack_args:
             return "resume"
         raise ShardFormatError(f"{out}: holds an unfinished pack with other options; rerun that command or delete {out}")
@@ -102,10 +109,7 @@ def finished_shards(out: Path, plan: PackPlan, resuming: bool) -> dict[str, dict
     remove_partials(out, is_pack_output)
     records: dict = {}
     if resuming:
-        try:
-            records = json.loads((out / STATE_NAME).read_text()).get("shards", {})
-        except (ValueError, AttributeError):
-            records = {}  # a damaged state file: every shard is packed again
+        records = _read_state(out).get("shards", {})  # a damaged state file: every shard is packed again
     if not isinstance(records, dict):
         records = {}
     records = {t.name: records[t.name] for t in plan.tasks if _shard_done(out, records.get(t.name), t)}

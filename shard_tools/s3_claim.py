@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from shard_tools import s3
+from shard_tools.bounded import load_json
 from shard_tools.format import ShardFormatError
 from shard_tools.text import escaped
 
@@ -59,9 +60,9 @@ def _read_marker(marker: str) -> tuple[dict, str | None]:
     try:
         with s3.translate_errors(marker, "s3:GetObject"):
             response = s3.client().get_object(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
-            record = json.loads(response["Body"].read(1 << 16))
+            record = load_json(response["Body"].read(1 << 16), marker, ShardFormatError, fix="")
         return (record if isinstance(record, dict) else {}), response.get("ETag")
-    except (ShardFormatError, ValueError):
+    except ShardFormatError:
         return {}, None
 
 
