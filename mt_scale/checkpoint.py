@@ -22,16 +22,21 @@ from mt_scale.checkpoint_files import (
     RESTART_HINT,
     RNG_SAFE_GLOBALS,
     apply_state,
+    load_rank_buffers,
+    local_buffers,
     optimizer_mismatch,
     read_json,
+    restore_buffers,
     restore_rng,
     scheduler_mismatch,
     shape_mismatch,
     short_reason,
+    teacher_buffers_name,
     torch_load,
     weights_mismatch,
 )
 from mt_scale.errors import MtScaleError
+from mt_scale.teacher import average_buffers_over_ranks
 from shard_tools.files import atomic_output
 
 if TYPE_CHECKING:
@@ -138,7 +143,23 @@ def save_checkpoint(
     A failure while writing (a full disk, Ctrl-C) removes the temporary folder and raises
     MtScaleError (or the KeyboardInterrupt) with the folder named.
     """
-    from safetensors.torch import save_model
+    # ema_teacher.safetensors holds the rank-averaged statistics (what evaluation and export use); each
+    # rank also keeps its own, and the live teacher goes on with them, so a resumed run is exact.
+    own = local_buffers(teacher) if accelerator.num_processes > 1 else None
+    average_buffers_over_ranks(teacher)
+    try:
+        return _write_checkpoint(accelerator, run_dir, state, loaders, teacher, own, model_name=model_name,
+                                 num_classes=num_classes, keep=keep)  # fmt: skip
+    finally:
+        if own is not None:
+            restore_buffers(teacher, own)
+
+
+def _write_checkpoint(
+    accelerator: Accelerator, run_dir: str | Path, state: TrainState, loaders: Any, teacher: torch.nn.Module,
+    own: dict[str, torch.Tensor] | None, *, model_name: str, num_classes: int, keep: int,
+) -> Path:
+    from safetensors.torch import save_file, save_model
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     name = f"step-{state.step:08d}"
@@ -150,6 +171,9 @@ def save_checkpoint(
         accelerator.save_state(str(tmp), safe_serialization=True)
         data_state = json.dumps(loaders.state_dict())
         (tmp / data_state_name(accelerator.process_index)).write_text(data_state)
+        if own is not None:
+            save_file({name: value.cpu().contiguous() for name, value in own.items()},
+                      str(tmp / teacher_buffers_name(accelerator.process_index)))  # fmt: skip
         if accelerator.is_main_process:
             save_model(teacher, str(tmp / TEACHER_NAME), metadata={"format": "pt"})
             record = {
@@ -232,6 +256,9 @@ def load_checkpoint(
                 f"({short_reason(exc)}); {RESTART_HINT}"
             ) from None
 
+    if accelerator.num_processes > 1:  # this rank's own teacher statistics, as it left them
+        load_rank_buffers(checkpoint / teacher_buffers_name(rank), teacher, RESTART_HINT)
+
     # 3. Accelerate's pickles, weights_only: tensors, containers and Python scalars only.
     optimizer, scheduler = accelerator._optimizers[0], accelerator._schedulers[0]
     apply_state(checkpoint / OPTIMIZER_NAME, optimizer.load_state_dict, "optimizer (optim.name and model)",
@@ -311,6 +338,8 @@ def _check_files(accelerator: Accelerator, checkpoint: Path) -> None:
         )
     wanted = [TRAIN_STATE_NAME, STUDENT_NAME, TEACHER_NAME, OPTIMIZER_NAME, SCHEDULER_NAME]
     wanted.append(rng_state_name(rank))
+    if accelerator.num_processes > 1:
+        wanted.append(teacher_buffers_name(rank))
     if accelerator.scaler is not None:
         wanted.append(SCALER_NAME)
     for name in wanted:

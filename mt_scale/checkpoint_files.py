@@ -194,3 +194,37 @@ def short_reason(exc: BaseException) -> str:
         )
         text = f"not weights-only: {detail}" if detail else "not weights-only"
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def teacher_buffers_name(rank: int) -> str:
+    return f"teacher_buffers_{rank}.safetensors"
+
+
+def local_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of `module`'s floating-point buffers (the BatchNorm statistics one rank gathered)."""
+    return {name: buffer.detach().clone() for name, buffer in module.named_buffers() if buffer.is_floating_point()}
+
+
+def restore_buffers(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Write `saved` (from `local_buffers` or a rank's file) back into `module`'s buffers."""
+    buffers = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in saved.items():
+            buffers[name].copy_(value)
+
+
+def load_rank_buffers(path: Path, module: torch.nn.Module, hint: str) -> None:
+    """Restore this rank's own teacher statistics from `path`, checked tensor by tensor first."""
+    from safetensors.torch import load_file
+
+    expected = local_buffers(module)
+    problem = weights_mismatch(path, expected)
+    try:
+        saved = load_file(str(path), device=str(next(iter(expected.values())).device)) if not problem else {}
+    except Exception as exc:
+        problem = short_reason(exc)
+    if not problem and saved.keys() != expected.keys():
+        problem = f"{len(saved)} buffers, the teacher has {len(expected)}"
+    if problem:
+        raise MtScaleError(f"{path}: not this rank's teacher statistics ({problem}); {hint}")
+    restore_buffers(module, saved)

@@ -37,6 +37,7 @@ class ModelConfig:
     in_chans: int = 3
     channels_last: bool = False
     compile: bool = False  # torch.compile the student (and teacher) after Accelerate wraps it
+    cuda_graph: bool = True  # on CUDA, capture the whole step as CUDA graphs and replay them (eager elsewhere)
 
 
 @dataclass
@@ -83,7 +84,9 @@ class RunConfig:
     output_dir: str = "runs/mt"
     shards: str = ""  # the shard set directory (mt-shard pack output)
     batch_scope: str = "per_device"  # "global": data batch sizes and optim.lr are per optimizer step
-    max_device_batch: int = 0  # global scope: most rows one device takes per micro-batch (0 = no cap)
+    # global scope: most rows one device takes per micro-batch. "auto": what the device's memory holds,
+    # measured at start on the real model (no cap on a CPU); an integer caps it (0 = no cap)
+    max_device_batch: str = "auto"
     log_with: str = "tensorboard"  # Accelerate's trackers, comma-separated (wandb, mlflow, aim...), or none
 
 
@@ -189,7 +192,10 @@ def validate_config(cfg: Config) -> Config:
             cfg.run.batch_scope in BATCH_SCOPES,
             f"run.batch_scope={cfg.run.batch_scope!r}: use {' or '.join(BATCH_SCOPES)}",
         ),
-        (cfg.run.max_device_batch >= 0, "run.max_device_batch must be >= 0 (0 = no cap)"),
+        (
+            cfg.run.max_device_batch == "auto" or _is_count(cfg.run.max_device_batch),
+            f"run.max_device_batch={cfg.run.max_device_batch!r}: use auto or a row count >= 0 (0 = no cap)",
+        ),
         (cfg.run.log_every_steps >= 1, "run.log_every_steps must be >= 1"),
         (cfg.run.eval_every_epochs >= 0, "run.eval_every_epochs must be >= 0 (0 = only at the end)"),
         (cfg.run.checkpoint_every_epochs >= 0, "run.checkpoint_every_epochs must be >= 0"),
@@ -201,61 +207,8 @@ def validate_config(cfg: Config) -> Config:
     return cfg
 
 
-@dataclass(frozen=True)
-class DevicePlan:
-    """How one optimizer step's batch is laid over the devices (what report.json records)."""
-
-    world_size: int
-    grad_accum_steps: int
-    device_batch: int  # rows per device per micro-batch
-    labeled_per_rank: tuple[int, ...]  # labeled rows per micro-batch, rank by rank
-    global_batch: int  # rows per optimizer step over all devices
-    global_labeled: int
-    lr: float  # the peak LR the run uses
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "labeled_per_rank": list(self.labeled_per_rank)}
-
-
-def plan_devices(cfg: Config, world_size: int) -> DevicePlan:
-    """The per-device batch, accumulation and LR that run `cfg` on `world_size` devices.
-
-    Global scope: the smallest accumulation (at least run.grad_accum_steps) that splits the global
-    batch evenly over devices and micro-batches within run.max_device_batch, with the labeled rows
-    of a micro-batch spread over ranks (floor or ceil each, the exact global count in total). Every
-    rank has the same batch size, so DDP's gradient mean is the mean over the global batch.
-    """
-    if world_size < 1:
-        raise MtScaleError(f"world_size={world_size}: must be >= 1")
-    batch, labeled, accum = cfg.data.batch_size, cfg.data.labeled_per_batch, cfg.run.grad_accum_steps
-    if cfg.run.batch_scope == "per_device":
-        return DevicePlan(world_size, accum, batch, (labeled,) * world_size, batch * world_size * accum,
-                          labeled * world_size * accum, cfg.optim.lr * world_size * accum)
-    cap = cfg.run.max_device_batch or batch
-    for steps in range(accum, batch + 1):
-        if batch % (world_size * steps) or labeled % steps or batch // (world_size * steps) > cap:
-            continue
-        device_batch, micro_labeled = batch // (world_size * steps), labeled // steps
-        per_rank = tuple(micro_labeled // world_size + (rank < micro_labeled % world_size)
-                         for rank in range(world_size))
-        if min(per_rank) < 1 or max(per_rank) > device_batch:
-            continue
-        return DevicePlan(world_size, steps, device_batch, per_rank, batch, labeled, cfg.optim.lr)
-    raise MtScaleError(
-        f"run.batch_scope=global: a batch of {batch} rows ({labeled} labeled) cannot be split evenly over "
-        f"{world_size} devices within run.max_device_batch={cfg.run.max_device_batch}; use a device count "
-        "that divides data.batch_size, change the batch, or set run.batch_scope=per_device"
-    )
-
-
-def resolve_for_devices(cfg: Config, world_size: int, rank: int = 0) -> Config:
-    """A copy of `cfg` with what `rank` of `world_size` runs: per-device batch, accumulation, peak LR."""
-    plan = plan_devices(cfg, world_size)
-    data = dataclasses.replace(cfg.data, batch_size=plan.device_batch,
-                               labeled_per_batch=plan.labeled_per_rank[rank])
-    run = dataclasses.replace(cfg.run, grad_accum_steps=plan.grad_accum_steps)
-    optim = dataclasses.replace(cfg.optim, lr=plan.lr)
-    return dataclasses.replace(cfg, data=data, run=run, optim=optim)
+def _is_count(value: str) -> bool:
+    return value.isascii() and value.isdigit()
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

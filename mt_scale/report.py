@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,30 +46,6 @@ TRAIN_COLUMNS = (*map(loss_column, LOSS_NAMES), "consistency_weight", "lr", "ima
 EVAL_COLUMNS = tuple(f"{model}_{score}" for model in MODELS for score in SCORE_NAMES)
 ERROR_COLUMNS = tuple(column for column in EVAL_COLUMNS if column.endswith("_error"))
 METRIC_FIELDS = ("step", "epoch", "kind", *TRAIN_COLUMNS, *EVAL_COLUMNS)
-
-
-class LossWindow:
-    """The loss terms of the steps since the last logged row: their means per batch and the img/s."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.batches = 0
-        self.started = time.perf_counter()
-
-    def add(self, losses: Mapping[str, Any]) -> None:
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
-        self.batches += 1
-
-    def means(self) -> dict[str, float]:
-        """{metrics column: mean per batch} of every loss term."""
-        return {loss_column(name): total / self.batches for name, total in self.sums.items()}
-
-    def images_per_sec(self, images_per_batch: int) -> float:
-        return self.batches * images_per_batch / max(time.perf_counter() - self.started, 1e-9)
 
 
 def prepare_run_dir(run_dir: Path, *, remove: tuple[str, ...] = (), resuming: bool = False) -> Path | None:
@@ -132,7 +107,7 @@ def release_run_dir(run_dir: Path) -> None:
     release_folder(run_dir)
 
 
-def written(path: Path, write: Callable[[], Any]) -> Any:
+def write_or_fail(path: Path, write: Callable[[], Any]) -> Any:
     """`write()`, with an OS error or a library's write failure turned into one line naming `path`."""
     try:
         return write()

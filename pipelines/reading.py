@@ -208,15 +208,21 @@ def draws(split: Split, samples: range, seed: Sequence[int | str], shuffle_buffe
     A larger one is read piece by piece (one span per shard, pieces in seeded order) through a
     shuffle buffer, so memory stays one shard's span plus `shuffle_buffer` samples. No shuffle
     buffer: range order.
+
+    Every index the range needs is read here, before the first sample: once a reader has started,
+    it only reads shard spans (a store that goes away later fails on a shard, not on an index).
     """
+    pieces = split.pieces(samples)
+    indexes = {number: shard_index(split, number) for number, _, _ in pieces}
+    return _draws(split, samples, pieces, indexes, seed, shuffle_buffer, cycle)
+
+
+def _draws(split: Split, samples: range, pieces: list[tuple[int, int, int]], indexes: dict[int, ShardIndex],
+           seed: Sequence[int | str], shuffle_buffer: int, cycle: bool) -> Iterator[Sample]:
     if not len(samples):
         return
-    pieces = split.pieces(samples)
-    indexes: dict[int, ShardIndex] = {}
 
     def read(number: int, first: int, stop: int) -> list[Sample]:
-        if number not in indexes:
-            indexes[number] = shard_index(split, number)
         return read_piece(split, number, first, stop, indexes[number])
 
     held: list[Sample] | None = None

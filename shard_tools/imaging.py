@@ -9,6 +9,7 @@ import stat
 import threading
 import warnings
 from struct import error as struct_error  # some PIL plugins raise it on damaged headers
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -25,6 +26,12 @@ _NOT_REGULAR = "not a regular file (a FIFO, device or socket)"
 
 class BadImage(Exception):
     """An input file that cannot be packed; the message is the reason listed in the manifest."""
+
+
+class Readable(Protocol):
+    """What an image inside another file (an archive member) offers: its bytes, or BadImage."""
+
+    def read(self) -> bytes: ...
 
 
 _HEAD_BYTES = 1 << 16  # enough for any image header but a JPEG with large APP segments before its frame
@@ -45,7 +52,7 @@ def _check_head(head: bytes, max_pixels: int) -> None:
         # a header running past the first bytes (large metadata): judged once the file is read
 
 
-def read_bytes(path: str | tuple | None, data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+def read_bytes(path: str | Readable | None, data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """The bytes of an input image; only regular files are read (a FIFO would block, /dev/zero never ends).
 
     Before the file is read whole, its size (stat) and its header are checked: a file larger than any
@@ -53,7 +60,7 @@ def read_bytes(path: str | tuple | None, data: bytes | None, max_pixels: int = D
     """
     if data is not None:
         return data
-    if isinstance(path, tuple):  # a member of an archive: shard_tools.archive_files.ArchiveMember
+    if not isinstance(path, str):  # a member of an archive (shard_tools.sources.archive_files.ArchiveMember)
         return path.read()
     try:
         # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; fstat then rejects it.

@@ -20,6 +20,20 @@ from shard_tools.format import ShardFormatError
 
 _PROC_LOCKS = "/proc/locks"
 _held: dict[str, int] = {}  # folder (resolved) -> descriptor, for locks held until release or exit
+_open: set[int] = set()  # every descriptor holding a lock in this process
+
+
+def _close_in_child() -> None:
+    """A forked child (a pack worker, a loader worker) drops its copies of the lock descriptors: the lock
+    belongs to the writer alone, so it goes the moment the writer dies, whatever its workers do."""
+    for descriptor in _open:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _open.clear()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def lock_holder(descriptor: int) -> int | None:
@@ -65,6 +79,7 @@ def lock_folder(folder: str | Path, *, who: str, fix: str, error: type[UserError
             raise error(f"{os_error_message(exc, folder)}; cannot lock the folder; {fix}") from None
         pid = f"PID {holder}" if holder is not None else "another process"
         raise error(f"{folder}: {who} ({pid}) is writing this folder; {fix}") from None
+    _open.add(descriptor)
     return descriptor
 
 
@@ -75,6 +90,7 @@ def folder_lock(folder: str | Path, *, who: str, fix: str, error: type[UserError
     try:
         yield
     finally:
+        _open.discard(descriptor)
         os.close(descriptor)
 
 
@@ -90,4 +106,5 @@ def release_folder(folder: str | Path) -> None:
     """Drop the lock `hold_folder` took on `folder` (nothing when this process holds none)."""
     descriptor = _held.pop(os.path.realpath(folder), None)
     if descriptor is not None:
+        _open.discard(descriptor)
         os.close(descriptor)

@@ -29,7 +29,7 @@ from shard_tools.format import SPLITS, ShardFormatError
 from shard_tools.imaging import DEFAULT_MAX_PIXELS, BadImage, encode_for_shard, inspect, read_bytes
 from shard_tools.locks import folder_lock
 from shard_tools.manifest import Manifest, read_manifest
-from shard_tools.pack_resume import STATE_NAME, abandon, finished_shards, out_state, save_state
+from shard_tools.pack_resume import STATE_NAME, abandon, finished_shards, journal_shard, out_state, save_state
 from shard_tools.plan import PackPlan, ShardTask, make_plan, write_set_files
 from shard_tools.sources import DIGITS, load_source
 from shard_tools.split import read_labels_file
@@ -161,6 +161,7 @@ def _scan_one(item: tuple[str | None, bytes | None, int]) -> tuple[str | None, i
 
 
 def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
+    """Write one shard; it is in OUT's resume journal before it takes its final name."""
     skipped: list[dict] = []
 
     def samples():
@@ -173,7 +174,16 @@ def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
                 continue
             yield sample_members(entry.key, jpeg, entry.written_label, {"source": entry.origin, "size": entry.size})
 
-    return write_shard(task.out_dir, task.name, samples()), skipped
+    def journal(result: ShardResult) -> None:
+        journal_shard(Path(task.out_dir), task.name, shard_record(task, result, skipped))
+
+    return write_shard(task.out_dir, task.name, samples(), before_publish=journal), skipped
+
+
+def shard_record(task: ShardTask, result: ShardResult, skipped: list[dict]) -> dict:
+    """What the resume journal and the manifest keep of a finished shard."""
+    return {"plan": task.plan_hash, "sha256": result.sha256, "count": result.count, "bytes": result.bytes,
+            "skipped": skipped}
 
 
 def _check_input_files(labels_file: str | Path | None, val_labels: str | Path | None,
@@ -232,7 +242,7 @@ def _lock_new_out(out: Path, held: contextlib.ExitStack, pack_args: dict, state:
 
 def _write_set(out: Path, plan: PackPlan, pack_args: dict, state: str, workers: int,
                progress: bool, held: contextlib.ExitStack, locked: bool) -> tuple[Manifest, int]:
-    """Write the shards not finished yet (in parallel, recording each as it lands), then the set files.
+    """Write the shards not finished yet (in parallel; each worker journals its shards), then the set files.
 
     Returns the manifest and the count of shards written by this run.
     """
@@ -246,13 +256,11 @@ def _write_set(out: Path, plan: PackPlan, pack_args: dict, state: str, workers: 
         save_state(out, pack_args, records)
         # Largest shards first, so the last ones to finish are small and workers end together.
         todo = sorted((t for t in plan.tasks if t.name not in records), key=lambda t: -len(t.samples))
-        plan_hashes = {t.name: t.plan_hash for t in todo}
+        tasks = {t.name: t for t in todo}
         bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
         with _one_thread_per_worker():
             for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
-                records[result.name] = {"plan": plan_hashes[result.name], "sha256": result.sha256,
-                                        "count": result.count, "bytes": result.bytes, "skipped": skipped}
-                save_state(out, pack_args, records)
+                records[result.name] = shard_record(tasks[result.name], result, skipped)
                 bar.update(result.count + len(skipped))
         bar.close()
         manifest = write_set_files(out, plan, records)
