@@ -20,18 +20,22 @@ from pipelines.errors import PipelineError
 from pipelines.loaders import LoaderRequest, TrainLoader, ValLoader
 from pipelines.mixing import batches_per_epoch, compose_batch, reads_whole_split, sample_range, seed_for
 from pipelines.reading import TAR_BLOCK, Split, check_header, shard_index
+from pipelines.torch_loader import jpeg_size
 from shard_tools import storage
-from shard_tools.format import IMAGE_EXT, LABEL_EXT, ShardFormatError, index_name
+from shard_tools.format import DEFAULT_MAX_PIXELS, IMAGE_EXT, LABEL_EXT, ShardFormatError, index_name
+
+_JPEG_HEAD = 2048  # bytes of each JPEG read for its frame header (the pixel cap); a later header is not checked
 
 
-def check_jpeg_members(split: Split, samples: range | None = None) -> int:
+def check_jpeg_members(split: Split, samples: range | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     """Check every image of `samples` (default: the whole split) starts with a JPEG SOI marker and ends with
     EOI: two small spans per image, read with one call per shard (in object storage: one ranged GET).
 
     DALI 2.4's CPU decoder crashes the process (SIGSEGV) on an undecodable image, so the DALI backend
     refuses damaged shards up front, for the samples each reader will read. Damage inside a
     well-formed JPEG is not caught here; `mt-shard verify` (sha256) catches any change after packing.
-    Returns the number of images checked.
+    An image whose frame header (within its first 2 KiB) claims more than `max_pixels` pixels is
+    refused too: DALI cannot skip it. Returns the number of images checked.
     """
     checked = 0
     for number, first, stop in split.pieces(range(split.total) if samples is None else samples):
@@ -40,7 +44,8 @@ def check_jpeg_members(split: Split, samples: range | None = None) -> int:
         ranges = []
         for offset, size, _ in index.table[first:stop].tolist():
             # the member's tar header and the JPEG's first bytes in one span: the header must match the index
-            ranges += [(offset - TAR_BLOCK, TAR_BLOCK + 3), (offset + max(size - 32, 0), min(size, 32))]
+            ranges += [(offset - TAR_BLOCK, TAR_BLOCK + min(size, _JPEG_HEAD)),
+                       (offset + max(size - 32, 0), min(size, 32))]
         try:
             spans = storage.read_ranges(shard, ranges)
         except OSError as exc:
@@ -49,10 +54,15 @@ def check_jpeg_members(split: Split, samples: range | None = None) -> int:
             raise PipelineError(str(exc)) from None
         for row, key in enumerate(index.keys[first:stop]):
             check_header(shard, spans[2 * row], TAR_BLOCK, key, IMAGE_EXT, int(index.table[first + row, 1]))
-            if spans[2 * row][TAR_BLOCK:] != b"\xff\xd8\xff" or b"\xff\xd9" not in spans[2 * row + 1]:
+            if spans[2 * row][TAR_BLOCK:TAR_BLOCK + 3] != b"\xff\xd8\xff" or b"\xff\xd9" not in spans[2 * row + 1]:
                 raise PipelineError(
                     f"{shard}: member {key}.{IMAGE_EXT} is not a complete JPEG; re-pack this shard (check the set "
                     "with `mt-shard verify`) or use backend=torch, which skips undecodable images")
+            size = jpeg_size(spans[2 * row][TAR_BLOCK:])
+            if size is not None and size[0] * size[1] > max_pixels:
+                raise PipelineError(
+                    f"{shard}: member {key}.{IMAGE_EXT} claims {size[0]}x{size[1]} pixels, over data.max_pixels="
+                    f"{max_pixels}; re-pack the set (mt-shard pack --max-pixels) or use backend=torch, which skips it")
         checked += stop - first
     return checked
 
@@ -315,7 +325,7 @@ def build_dali_loaders(request: LoaderRequest) -> tuple[TrainLoader, ValLoader]:
                       for r in range(world_size))
     for stream, split in ((lab, request.labeled), (unl, request.unlabeled), (val_stream, request.val)):
         if stream is not None:  # the samples this rank's readers will read, before DALI decodes one
-            check_jpeg_members(split, sample_range(split.total, stream.shard_id, stream.num_shards))
+            check_jpeg_members(split, sample_range(split.total, stream.shard_id, stream.num_shards), cfg.max_pixels)
 
     def val_pass() -> Iterator[dict]:
         remaining = val_stream.samples
