@@ -91,14 +91,24 @@ def open_run_dir(accelerator: Accelerator, run_dir: Path, *, resuming: bool) -> 
     """Create `run_dir` (main process); returns the topmost folder this created, None if it existed.
 
     A new run refuses a folder with checkpoints and removes what a run killed before its first one left.
+    A refusal (another run holds the folder, checkpoints a new run would mix with) is raised on every
+    rank, so none waits for a main process that has stopped.
     """
     from mt_scale.checkpoint import EXPORT_NAME
 
-    created = None
+    created, refusal = None, None
     if accelerator.is_main_process:  # the main process writes the folder and holds its lock
         leftovers = (METRICS_NAME, REPORT_NAME, CURVES_NAME, EXPORT_NAME, TENSORBOARD_DIR)
-        created = prepare_run_dir(run_dir, remove=() if resuming else leftovers, resuming=resuming)
-    accelerator.wait_for_everyone()
+        try:
+            created = prepare_run_dir(run_dir, remove=() if resuming else leftovers, resuming=resuming)
+        except MtScaleError as exc:
+            refusal = str(exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]  # also the barrier every rank passes together
+    if refusal is not None:
+        raise MtScaleError(refusal)
     return created
 
 
