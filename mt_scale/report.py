@@ -91,14 +91,24 @@ def open_run_dir(accelerator: Accelerator, run_dir: Path, *, resuming: bool) -> 
     """Create `run_dir` (main process); returns the topmost folder this created, None if it existed.
 
     A new run refuses a folder with checkpoints and removes what a run killed before its first one left.
+    A refusal (another run holds the folder, checkpoints a new run would mix with) is raised on every
+    rank, so none waits for a main process that has stopped.
     """
     from mt_scale.checkpoint import EXPORT_NAME
 
-    created = None
+    created, refusal = None, None
     if accelerator.is_main_process:  # the main process writes the folder and holds its lock
         leftovers = (METRICS_NAME, REPORT_NAME, CURVES_NAME, EXPORT_NAME, TENSORBOARD_DIR)
-        created = prepare_run_dir(run_dir, remove=() if resuming else leftovers, resuming=resuming)
-    accelerator.wait_for_everyone()
+        try:
+            created = prepare_run_dir(run_dir, remove=() if resuming else leftovers, resuming=resuming)
+        except MtScaleError as exc:
+            refusal = str(exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]  # also the barrier every rank passes together
+    if refusal is not None:
+        raise MtScaleError(refusal)
     return created
 
 
@@ -371,5 +381,26 @@ def trackers(log_with: str, run_dir: Path) -> list[Any]:
                 f"run.log_with={log_with!r}: the {name} package is not installed; pip install {name}, or set "
                 "run.log_with=tensorboard"
             )
+    if "tensorboard" in names:
+        quiet_writer_thread_errors()
     return [tracking.TensorBoardTracker(TENSORBOARD_DIR, str(run_dir)) if name == "tensorboard" else name
             for name in dict.fromkeys(names)]  # fmt: skip
+
+
+def quiet_writer_thread_errors() -> None:
+    """Drop the traceback Python prints when TensorBoard's writer thread fails (a full disk): the thread
+    keeps the error and the training loop's next write raises it, where it becomes the run's one line."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "keeps_writer_errors", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        thread = args.thread
+        if type(thread).__name__ == "_AsyncWriterThread" and getattr(thread, "exception", None) is args.exc_value:
+            return  # recorded on the thread; raised again in the training loop
+        previous(args)
+
+    hook.keeps_writer_errors = True  # type: ignore[attr-defined]
+    threading.excepthook = hook

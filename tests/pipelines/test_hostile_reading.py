@@ -157,3 +157,27 @@ def test_images_over_the_pixel_cap_are_skipped_from_their_header(set_copy: Path,
     small = Draws(split, range(split.total), (0,), 0, max_pixels=63)  # digits are 8x8 = 64 pixels
     with pytest.raises(PipelineError, match="none of the 50 train-labeled images this reader holds decodes"):
         small.render((spec,), outs)
+
+
+def test_dali_refuses_a_jpeg_over_the_pixel_cap_before_decoding(set_copy: Path) -> None:
+    import struct
+    import tarfile
+
+    from pipelines.dali import check_jpeg_members
+
+    shard = _first_labeled_shard(set_copy)
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        data = bytearray(tar.extractfile(member).read())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)  # the frame header claims 20000x20000
+    with open(shard, "r+b") as handle:
+        handle.seek(member.offset_data)
+        handle.write(bytes(data))
+    _, splits = open_set(str(set_copy))
+    with pytest.raises(PipelineError) as refused:
+        check_jpeg_members(splits[TRAIN_LABELED])
+    assert str(refused.value) == (f"{shard}: member {member.name} claims 20000x20000 pixels, over data.max_pixels="
+                                  "89478485; re-pack the set (mt-shard pack --max-pixels) or use backend=torch, "
+                                  "which skips it")
+    assert check_jpeg_members(splits[TRAIN_LABELED], max_pixels=400_000_000) == 50
