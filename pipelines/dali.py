@@ -322,9 +322,10 @@ def build_pipeline(shards: list[str], specs: tuple[AugmentSpec, ...], batch_size
     counts = [_count(shard) for shard in shards]
     split = Split(TRAIN_UNLABELED, tuple(shards), tuple(counts), 0)  # labels as stored, unchecked
     total = sum(counts)
-    part = len(reader_range(total, shard_id, num_shards))
+    # an "epoch" of at least one batch: the draws cycle over the part however few samples it holds
+    batches = max(1, math.ceil(len(reader_range(total, shard_id, num_shards)) / batch_size))
     feed = TrainFeed(split, split, tuple(specs), batch_size, 0, seed, shuffle_buffer, shard_id, num_shards, 1, 0,
-                     (part // batch_size,), part // batch_size, 0, ((0, 0, 0),),
+                     (batches,), batches, 0, ((0, 0, 0),),
                      storage.environment(shards[0]))
     return build_pipelines([feed], specs, batch_size, device_id, threads)[0]
 

@@ -263,3 +263,21 @@ def test_readers_outlive_a_preemption_signal_and_end_with_their_pipelines(digits
         assert not [reader for reader in readers if reader.is_alive()]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.timeout(120)
+def test_build_pipeline_cycles_over_fewer_images_than_a_batch(photo_shards):
+    from pipelines.augment import get_spec
+    from pipelines.dali import build_pipeline
+    from shard_tools.manifest import read_manifest
+
+    shards = [str(photo_shards / name) for name in read_manifest(photo_shards).split("val").shards]
+    spec = get_spec("imagenet-train")
+    pipe = build_pipeline(shards, (spec,), 24, shard_id=0, num_shards=1, shuffle_buffer=0, seed=7, threads=1,
+                          device_id=None)
+    keys = []
+    for _ in range(2):
+        views, _, key, _ = pipe.run()
+        assert views.as_array().shape == (24, 3, 224, 224)
+        keys += [bytes(key.at(i)).decode() for i in range(len(key))]
+    assert len(set(keys)) == 16 and len(keys) == 48  # the 16 val images, pass after pass
