@@ -3,8 +3,9 @@
 - Reading is by sample. A split's samples are its shards' samples concatenated in manifest order.
   Part p of P parts of N samples is [p*N//P, (p+1)*N//P) (`sample_range`, DALI's own sharding rule):
   rank r of W gets that range of the split, and loader worker k of K that range of its rank's range.
-  DALI runs one reader per rank (K = 1). Shares are the same every epoch; the order within a reader
-  is reshuffled every epoch (seeded), so the samples left out with a last partial batch change.
+  Both backends run K = max(data.workers, 1) readers per rank. Shares are the same every epoch; the
+  order within a reader is reshuffled every epoch (seeded), so the samples left out with a last
+  partial batch change.
 - A training batch holds exactly L labeled rows then U unlabeled rows. The unlabeled stream defines the
   epoch: a reader yields floor(n / U) batches from its n samples, so only its last partial batch is
   not seen that epoch. Every rank yields the same count, the minimum over ranks (`batches_per_epoch`),

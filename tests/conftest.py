@@ -35,6 +35,8 @@ def photo_shards(photo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("photo_shards") / "shards"
     pack(photo_tree, out, label_fraction=0.25, seed=0, shard_size=16, workers=1, progress=False)
     return out
+
+
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
     """Torch on one thread meanwhile: a float reduction split over another thread count rounds

@@ -74,7 +74,9 @@ from pipelines.loaders import TrainLoader, ValLoader
 from mt_scale.config import load_config
 from mt_scale.train import train
 
-out, shards, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+out, tests, shards, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+sys.path.insert(0, tests)
+from sync_counter import SyncCounter
 labeled_rows = 16
 seen = {"labeled": [], "unlabeled": [], "val": []}
 build = pipelines.build_loaders
@@ -101,7 +103,13 @@ TrainLoader.__iter__, ValLoader.__iter__ = recording_train_iter, recording_val_i
 cfg = load_config("digits-demo", overrides=[
     f"run.shards={shards}", f"run.output_dir={out / 'run'}", f"data.labeled_per_batch={labeled_rows}", *overrides,
 ])
-result = train(cfg, progress=False)  # ends the process group: the rank comes from the launcher
+with SyncCounter() as counter:  # the host reads and collectives of the run, by step
+    result = train(cfg, progress=False)  # ends the process group: the rank comes from the launcher
+every, steps = cfg.run.log_every_steps, counter.stepped[-1]
+allowed = {*range(every, steps + 1, every), steps}  # log steps and the end
+seen["waits"] = {"stepped": counter.stepped, "reads": counter.between(counter.reads, allowed),
+                 "collectives": counter.between(counter.collectives, allowed),
+                 "at_log_steps": [counter.at(counter.collectives, step) for step in range(every, steps, every)]}
 torch.save({"teacher": result.teacher.state_dict(), "final": result.final, "seen": seen},
            out / f"rank{os.environ['RANK']}.pt")
 """
@@ -165,10 +173,11 @@ def step_gate(tmp_path: Path) -> Iterator[StepGate]:
         gate.close()
 
 
-# One epoch (12 steps per rank), every step logged, evaluated and checkpointed at the end only,
-# in-process loading: tests/mt_scale/test_checkpoint.py's SETTINGS, which its two-rank resume uses.
+# One epoch (12 steps per rank), logged every 3 steps, evaluated and checkpointed at the end only,
+# in-process loading: tests/mt_scale/test_checkpoint.py's SETTINGS with its two-rank log cadence,
+# which its two-rank resume uses.
 TWO_RANK_OVERRIDES = ("data.workers=0", "run.epochs=1", "optim.lr_rampdown_epochs=1", "run.eval_every_epochs=0",
-                      "run.checkpoint_every_epochs=0", "run.log_every_steps=1")
+                      "run.checkpoint_every_epochs=0", "run.log_every_steps=3")
 
 
 @dataclass(frozen=True)
@@ -193,7 +202,7 @@ def two_rank_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) 
     done = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-         str(script), str(out), str(digits_shards), *TWO_RANK_OVERRIDES],
+         str(script), str(out), str(Path(__file__).parent), str(digits_shards), *TWO_RANK_OVERRIDES],
         capture_output=True, text=True, timeout=400, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -429,19 +429,22 @@ def launch_two(shards: Path, run: Path, *extra: str, gate=None) -> subprocess.Po
 @pytest.mark.slow
 def test_sigterm_on_one_rank_stops_every_rank_at_one_step(two_rank_run, digits_shards: Path, tmp_path: Path,
                                                           step_gate) -> None:
-    """Two ranks, SIGTERM to rank 1 between steps 1 and 2, then resumed: the session's two-rank run."""
-    assert two_rank_run.overrides == tuple(SETTINGS)  # the same run, uninterrupted
-    launcher = launch_two(digits_shards, tmp_path / "split", gate=step_gate)
+    """Two ranks, SIGTERM to rank 1 between steps 1 and 2, then resumed: the session's two-rank run.
+
+    The ranks exchange the stop flag at log steps (every 3 here), so both stop after step 3."""
+    every_three = ("--set", "run.log_every_steps=3")
+    assert two_rank_run.overrides == (*SETTINGS[:-1], "run.log_every_steps=3")  # the same run, uninterrupted
+    launcher = launch_two(digits_shards, tmp_path / "split", *every_three, gate=step_gate)
     ranks = step_gate.wait(launcher, count=2)  # both ranks: step 1 done, step 2 not started
     os.kill(ranks[1], signal.SIGTERM)  # rank 1 alone: rank 0 learns it through the all-reduced flag
     step_gate.release()
     launcher.communicate(timeout=300)
     [checkpoint] = checkpoint_dirs(tmp_path / "split")
     stopped_at = json.loads((checkpoint / TRAIN_STATE_NAME).read_text())["state"]["step"]
-    assert checkpoint.name == "step-00000002" and stopped_at == 2
+    assert checkpoint.name == "step-00000003" and stopped_at == 3
     assert {data_state_name(0), data_state_name(1), rng_state_name(1)} <= {p.name for p in checkpoint.iterdir()}
 
-    resumed = launch_two(digits_shards, tmp_path / "split", "--resume")
+    resumed = launch_two(digits_shards, tmp_path / "split", *every_three, "--resume")
     out, err = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, err[-3000:]
     straight = two_rank_run.out / "run"

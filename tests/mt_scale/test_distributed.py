@@ -18,6 +18,13 @@ def test_two_cpu_processes_train_one_teacher(two_rank_run, digits_shards: Path) 
     out = two_rank_run.out
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["seen"]["world"] == ranks[1]["seen"]["world"] == [2, "gloo"]
+    # between log steps neither rank read a computed tensor or joined a collective (train() called
+    # without a SIGTERM handler has no stop flag to exchange, so the log steps hold none either)
+    every = next(int(s.split("=")[1]) for s in two_rank_run.overrides if s.startswith("run.log_every_steps="))
+    for rank in ranks:
+        waits = rank["seen"]["waits"]
+        assert waits["stepped"] == list(range(1, 13)) and waits["reads"] == {} and waits["collectives"] == {}
+        assert waits["at_log_steps"] == [0] * len(range(every, 12, every))
 
     # the same teacher (parameters and averaged BatchNorm statistics) and the same scores on both ranks
     teacher0, teacher1 = ranks[0]["teacher"], ranks[1]["teacher"]

@@ -1,8 +1,8 @@
 """Loading a shard set straight from s3:// (a real moto server in a subprocess, over HTTP).
 
-Both backends give the same batches from the pushed set as from the local copy; the torch backend
-reads one ranged GET per shard span a worker owns; DALI's endpoint rule and every failure (missing
-bucket or prefix, server gone mid-epoch) are one line.
+The torch backend gives the same batches from the pushed set as from the local copy and reads one
+ranged GET per shard span a worker owns; every failure (missing bucket or prefix, server gone
+mid-epoch) is one line. The DALI backend's s3:// tests are in test_dali_s3.py.
 """
 
 from __future__ import annotations
@@ -95,40 +95,6 @@ def test_torch_backend_reads_one_ranged_get_per_shard_span(s3_server, s3_env: st
     assert sorted(path.rsplit("/", 1)[-1] for path in gets) == sorted(
         Path(unlabeled.shards[n] if name == TRAIN_UNLABELED else labeled.shards[n]).name for name, n in spans)
     assert drawn == len(loaders.train) * cfg.batch_size and drawn > 100 * len(gets)  # never one per sample
-
-
-@pytest.mark.timeout(300)
-def test_dali_reads_the_s3_set_like_the_local_copy(s3_env: str, pushed_digits: str, digits_shards: Path, digits_config):
-    pytest.importorskip("nvidia.dali")
-    url = pushed_digits
-    cfg = digits_config(workers=1)
-    first = {}
-    for name, base in (("local", digits_shards), ("s3", url)):
-        loaders = build_loaders(base, cfg, backend="dali", with_keys=True)
-        train = [(list(batch["key"]), batch["label"].tolist()) for _, batch in zip(range(4), loaders.train,
-                                                                                    strict=False)]
-        val = [(list(batch["key"]), batch["label"][batch["valid"]].tolist()) for batch in loaders.val]
-        first[name] = train, val
-    assert first["s3"] == first["local"]
-    assert sum(len(keys) for keys, _ in first["s3"][1]) == 539  # every val sample once
-
-
-@pytest.mark.timeout(120)
-def test_dali_needs_the_endpoint_in_aws_endpoint_url(s3_server, s3_env: str, pushed_digits: str, digits_config,
-                                                     monkeypatch):
-    pytest.importorskip("nvidia.dali")
-    url = pushed_digits
-    # boto3 finds the store through AWS_ENDPOINT_URL_S3; DALI would not
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
-    with pytest.raises(PipelineError) as error:
-        build_loaders(url, digits_config(), backend="dali")
-    line = _one_line(error)
-    assert line.startswith(url) and f"set AWS_ENDPOINT_URL={s3_server.endpoint}" in line, line
-    assert "AWS_ENDPOINT_URL is not set" in line and "data.backend=torch" in line
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in line
-    # the torch backend reads through boto3, which honours AWS_ENDPOINT_URL_S3
-    assert len(build_loaders(url, digits_config(workers=0), backend="torch").train) > 0
 
 
 def test_missing_bucket_or_prefix_is_one_line(s3_env: str, digits_config):

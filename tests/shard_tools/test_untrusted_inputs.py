@@ -1,6 +1,5 @@
 """Hostile or careless inputs to `mt-shard pack`: output locations the system refuses, decompression
-bombs, FIFOs and devices, duplicate list lines, a user's own files in OUT (issue 10: D4, D6, D7 and
-the lower pack items)."""
+bombs, FIFOs and devices, duplicate list lines, a user's own files in OUT."""
 
 from __future__ import annotations
 
