@@ -4,7 +4,8 @@ Nothing is mocked in the test process: the code under test talks HTTP to this se
 AWS_ENDPOINT_URL as a user's store would be. tests/conftest.py exposes the fixtures below:
 
 - `s3_server` (session): the running server; `.requests()` is its request log (method, path) in the
-  order the server answered, `.enforce_auth()` turns on moto's IAM checks for a `with` block.
+  order the server received them (each written before it is answered, so a request whose answer the
+  client has is always there), `.enforce_auth()` turns on moto's IAM checks for a `with` block.
 - `s3_env` (function): the AWS environment pointed at the server (dummy credentials, no config
   files, no instance metadata) and a fresh bucket; returns `s3://<bucket>`.
 - `start_s3_server` (function): starts a private server a test may stop (server-gone cases).
@@ -32,7 +33,6 @@ ACCESS_KEY_ID = "testing-key-id"
 SECRET_ACCESS_KEY = "testing-secret-do-not-print"
 REGION = "us-east-1"
 _LOG_LINE = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+"')
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _free_port() -> int:
@@ -41,11 +41,33 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+# moto's server (as `python -m moto.server` runs it) behind a WSGI layer that logs each request before
+# moto answers it: argv host, port, request log
+SERVER = """
+import os, sys, threading
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+
+host, port, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+os.environ.setdefault("MOTO_PORT", str(port))
+moto_app = DomainDispatcherApplication(create_backend_app)
+log, lock = open(log_path, "a", buffering=1), threading.Lock()
+
+def logged(environ, start_response):
+    with lock:
+        log.write(f'"{environ["REQUEST_METHOD"]} {environ["RAW_URI"]} HTTP/1.1"\\n')
+    return moto_app(environ, start_response)
+
+run_simple(host, port, logged, threaded=True, request_handler=MotoRequestHandler)
+"""
+
+
 class MotoServer:
-    """`python -m moto.server` in a subprocess; started by `start()`, ended by `stop()`."""
+    """moto's S3 server in a subprocess; started by `start()`, ended by `stop()`."""
 
     def __init__(self, log_path: Path) -> None:
-        self.log_path = log_path
+        self.log_path = log_path  # the server's output
+        self.request_log = log_path.with_suffix(".requests")
         self.process: subprocess.Popen | None = None
         self.port = 0
 
@@ -60,7 +82,7 @@ class MotoServer:
             environment.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                    [sys.executable, "-c", SERVER, "127.0.0.1", str(self.port), str(self.request_log)],
                     stdout=log, stderr=subprocess.STDOUT, env=environment,
                 )
             deadline = time.monotonic() + timeout_s
@@ -97,9 +119,11 @@ class MotoServer:
             self._post("/moto-api/reset-auth", b"inf")
 
     def requests(self) -> list[tuple[str, str]]:
-        """(method, path) of every request the server has answered, in order."""
-        text = _ANSI.sub("", self.log_path.read_text(errors="replace"))
-        return _LOG_LINE.findall(text)
+        """(method, path) of every request the server has received, in order (each logged before it
+        is answered)."""
+        if not self.request_log.exists():
+            return []
+        return _LOG_LINE.findall(self.request_log.read_text(errors="replace"))
 
     def environ(self) -> dict[str, str]:
         """AWS variables that point a client at this server with dummy credentials and nothing else."""

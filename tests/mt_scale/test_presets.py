@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mt_scale.config import load_config
 from mt_scale.train import train
@@ -38,6 +39,7 @@ def _cifar_binary_archive(path: Path, per_batch: int, test: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cifar10_4000_runs_three_optimizer_steps_of_shakeshake26_on_a_cifar_archive(tmp_path: Path):
     archive = _cifar_binary_archive(tmp_path / "cifar-10-binary.tar.gz", per_batch=12, test=10)
     shards = tmp_path / "shards"

@@ -50,6 +50,7 @@ def finished_run(reference_run):
     return reference_run.result
 
 
+@pytest.mark.slow
 def test_run_writes_every_artefact(finished_run) -> None:
     run_dir = finished_run.run_dir
     report = json.loads((run_dir / "report.json").read_text())
@@ -87,6 +88,7 @@ def read_header(path: Path) -> list[str]:
     return path.read_text().splitlines()[0].split(",")
 
 
+@pytest.mark.slow
 def test_exported_teacher_loads_in_stock_timm(finished_run) -> None:
     export = json.loads((finished_run.run_dir / "report.json").read_text())["export"]
     path, name, classes = export["file"], export["model_name"], export["num_classes"]
@@ -104,6 +106,7 @@ def test_exported_teacher_loads_in_stock_timm(finished_run) -> None:
         torch.testing.assert_close(model(images), teacher(images)[0])
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(reference_run, torch_thread, digits_shards: Path, tmp_path: Path) -> None:
     """Stopped mid-epoch 0 (step 15 of 25), then continued from its checkpoint: the reference run's
     weights, scores and log."""
@@ -131,6 +134,7 @@ def test_resume_matches_uninterrupted(reference_run, torch_thread, digits_shards
     assert steps == [r["step"] for r in read_metrics(straight.run_dir / "metrics.csv") if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_supervised_baseline_uses_labeled_rows_only(digits_shards: Path, tmp_path: Path) -> None:
     cfg = short_config(digits_shards, tmp_path / "sup", "mt.enabled=false", "run.epochs=1",
                        "optim.lr_rampdown_epochs=1", "run.eval_every_epochs=0")  # fmt: skip
@@ -165,6 +169,7 @@ def test_user_errors_are_one_line(argv, needle, capsys: pytest.CaptureFixture[st
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_existing_run_and_changed_classes_are_refused(finished_run, digits_shards: Path, tmp_path: Path) -> None:
     run = f"run.output_dir={finished_run.run_dir}"
     with pytest.raises(MtScaleError, match="--resume"):

@@ -24,6 +24,7 @@ from shard_tools.files import sha256_file
 from shard_tools.format import MANIFEST_NAME, SPLITS, ShardFormatError, index_name, parse_index
 from shard_tools.manifest import read_manifest
 from shard_tools.pack import pack
+from shard_tools.s3_claim import MARKER_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,6 +88,7 @@ def test_push_uploads_every_file_manifest_last(s3_server, s3_env: str, digits_se
     # The server's own log: the manifest's PUT comes after every other object's PUT has completed.
     prefix = url[len("s3:/") :] + "/"
     puts = [path[len(prefix) :] for method, path in s3_server.requests() if method == "PUT" and path.startswith(prefix)]
+    puts = [name for name in puts if not name.startswith(".")]  # the set's files, not push's writer marker
     assert sorted(puts) == sorted(files) and puts[-1] == MANIFEST_NAME, puts
 
     manifest = read_manifest(digits_set)
@@ -171,7 +173,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_killed_push_resumes_and_skips_what_was_uploaded(s3_env: str, digits_set: Path):
+def test_killed_push_resumes_and_skips_what_was_uploaded(s3_env: str, digits_set: Path, capsys):
     url = f"{s3_env}/killed"
     read_end, write_end = os.pipe()
     command = [sys.executable, "-c", PUSH_THEN_HOLD, str(write_end), "push", str(digits_set), url, "--workers", "1",
@@ -187,8 +189,14 @@ def test_killed_push_resumes_and_skips_what_was_uploaded(s3_env: str, digits_set
         assert reports.read() == b""  # the push is gone
     process.wait()
     present = s3.list_names(url)
-    assert sorted(present) == sorted(target.rsplit("/", 1)[1] for target in uploaded)  # no manifest among them
+    names = [target.rsplit("/", 1)[1] for target in uploaded]
+    assert sorted(present) == sorted([*names, MARKER_NAME])  # no manifest; the killed push's writer marker stays
 
+    # a marker left by a killed writer is not taken over: the user deletes it, as the refusal says
+    line = _cli_error(capsys, ["push", str(digits_set), url, "--quiet"])
+    assert "is writing this prefix" in line and f"if it was killed, delete {url}/{MARKER_NAME}" in line, line
+    bucket, prefix = s3.parse_url(url)
+    s3.client().delete_object(Bucket=bucket, Key=f"{prefix}/{MARKER_NAME}")
     summary = push_module.push(digits_set, url, workers=4, progress=False)
     files = _set_names(digits_set)
     assert (summary.skipped, summary.uploaded) == (3, len(files) - 3), summary.line()
