@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean gpu-check
+.PHONY: setup demo test test-fast lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -21,21 +21,24 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The inner loop: every test but the real-training ones marked slow (`make test` runs those too).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check shard_tools pipelines mt_scale tests
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
 
-# The GPU check (issue 14; docs/performance.md, "GPU check"), on a machine with a GPU and no network,
-# with the machine's own Python (no venv): joins the wheels split into parts under $(WHEELS), installs
-# from there what that Python lacks (never from the network), then runs the kit and writes
-# $(GPU_OUT)/gpu.json and gpu.md. `make gpu-check GPU_ARGS=--dry-run` rehearses it on a CPU.
-GPU_PYTHON ?= python3
-WHEELS ?= .whl
+# The GPU check (docs/performance.md, "GPU check"): the tests marked gpu, then every mt-bench stage on the
+# GPU at the ImageNet preset's 40 rows per device (and at the largest batch that fits), written to
+# $(GPU_OUT)/gpu.json and gpu.md. Offline, install from a wheel folder: PIP_NO_INDEX=1
+# PIP_FIND_LINKS=DIR make gpu-check (docs/performance.md, "Installing without a network").
 GPU_OUT ?= bench-out/gpu
 GPU_ARGS ?=
 
-gpu-check:
-	$(GPU_PYTHON) -m mt_scale.bench.gpu gpu --wheels $(WHEELS) --install-only
-	$(GPU_PYTHON) -m mt_scale.bench.gpu gpu --json $(GPU_OUT)/gpu.json --markdown $(GPU_OUT)/gpu.md $(GPU_ARGS)
+gpu-check: $(STAMP)
+	$(PY) -m pytest -m gpu -q
+	$(VENV)/bin/mt-bench all --device cuda --train-batch-size 40 --train-labeled-per-batch 20 --train-max-batch \
+		--json $(GPU_OUT)/gpu.json --markdown $(GPU_OUT)/gpu.md $(GPU_ARGS)

@@ -22,13 +22,21 @@ from mt_scale.checkpoint_files import (
     RESTART_HINT,
     RNG_SAFE_GLOBALS,
     apply_state,
+    load_rank_buffers,
+    local_buffers,
+    optimizer_mismatch,
     read_json,
+    restore_buffers,
     restore_rng,
+    scheduler_mismatch,
     shape_mismatch,
     short_reason,
+    teacher_buffers_name,
     torch_load,
+    weights_mismatch,
 )
 from mt_scale.errors import MtScaleError
+from mt_scale.teacher import average_buffers_over_ranks
 from shard_tools.files import atomic_output
 
 if TYPE_CHECKING:
@@ -135,7 +143,23 @@ def save_checkpoint(
     A failure while writing (a full disk, Ctrl-C) removes the temporary folder and raises
     MtScaleError (or the KeyboardInterrupt) with the folder named.
     """
-    from safetensors.torch import save_model
+    # ema_teacher.safetensors holds the rank-averaged statistics (what evaluation and export use); each
+    # rank also keeps its own, and the live teacher goes on with them, so a resumed run is exact.
+    own = local_buffers(teacher) if accelerator.num_processes > 1 else None
+    average_buffers_over_ranks(teacher)
+    try:
+        return _write_checkpoint(accelerator, run_dir, state, loaders, teacher, own, model_name=model_name,
+                                 num_classes=num_classes, keep=keep)  # fmt: skip
+    finally:
+        if own is not None:
+            restore_buffers(teacher, own)
+
+
+def _write_checkpoint(
+    accelerator: Accelerator, run_dir: str | Path, state: TrainState, loaders: Any, teacher: torch.nn.Module,
+    own: dict[str, torch.Tensor] | None, *, model_name: str, num_classes: int, keep: int,
+) -> Path:
+    from safetensors.torch import save_file, save_model
 
     root = Path(run_dir) / CHECKPOINTS_DIR
     name = f"step-{state.step:08d}"
@@ -147,6 +171,9 @@ def save_checkpoint(
         accelerator.save_state(str(tmp), safe_serialization=True)
         data_state = json.dumps(loaders.state_dict())
         (tmp / data_state_name(accelerator.process_index)).write_text(data_state)
+        if own is not None:
+            save_file({name: value.cpu().contiguous() for name, value in own.items()},
+                      str(tmp / teacher_buffers_name(accelerator.process_index)))  # fmt: skip
         if accelerator.is_main_process:
             save_model(teacher, str(tmp / TEACHER_NAME), metadata={"format": "pt"})
             record = {
@@ -158,9 +185,11 @@ def save_checkpoint(
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, Exception) and not isinstance(exc, MtScaleError):
+            # with no complete checkpoint there is nothing to resume (a new run's folder is removed)
+            then = "continue with --resume" if checkpoint_dirs(run_dir) else "start the run again (without --resume)"
             raise MtScaleError(
                 f"{tmp}: writing the checkpoint failed ({short_reason(exc)}); free space in or choose "
-                "another run.output_dir, then continue with --resume"
+                f"another run.output_dir, then {then}"
             ) from None
         raise
     accelerator.wait_for_everyone()
@@ -184,10 +213,14 @@ def load_checkpoint(
     *,
     model_name: str,
     num_classes: int,
+    epochs: int | None = None,
+    steps_per_epoch: int | None = None,
 ) -> None:
     """Restore everything `save_checkpoint` wrote, refusing any file that is not what it should be.
 
     `state.class_names` must hold the current shard set's classes (they are checked, then replaced).
+    With `epochs` and `steps_per_epoch` (this run's schedule), train_state.json's position is checked
+    against it as well as against the checkpoint folder's step.
     """
     from safetensors.torch import load_model
 
@@ -195,6 +228,10 @@ def load_checkpoint(
     _check_files(accelerator, checkpoint)
     # 1. Where the loop was, and whether the checkpoint belongs to this run at all.
     loaded = _read_train_state(accelerator, checkpoint, state.class_names, model_name, num_classes)
+    accumulation = accelerator.gradient_accumulation_steps
+    if steps_per_epoch is None and accelerator.num_processes == 1:  # one process: its own batch count decides
+        steps_per_epoch = len(loaders.train) // accumulation
+    _check_position(checkpoint, loaded, epochs, steps_per_epoch, accumulation)
     data_file = checkpoint / data_state_name(rank)
     data_state = read_json(data_file)
     mismatch = shape_mismatch(data_state, loaders.state_dict(), "position")
@@ -206,17 +243,28 @@ def load_checkpoint(
     for model, name in ((student, STUDENT_NAME), (teacher, TEACHER_NAME)):
         path = checkpoint / name
         try:
+            problem = weights_mismatch(path, model.state_dict())
+            if problem:
+                raise MtScaleError(f"{path}: does not hold weights of {model_name!r} with {num_classes} classes "
+                                   f"({problem}); {RESTART_HINT}")
             load_model(model, str(path), strict=True, device=str(next(model.parameters()).device))
+        except MtScaleError:
+            raise
         except Exception as exc:
             raise MtScaleError(
                 f"{path}: does not hold weights of {model_name!r} with {num_classes} classes "
                 f"({short_reason(exc)}); {RESTART_HINT}"
             ) from None
 
+    if accelerator.num_processes > 1:  # this rank's own teacher statistics, as it left them
+        load_rank_buffers(checkpoint / teacher_buffers_name(rank), teacher, RESTART_HINT)
+
     # 3. Accelerate's pickles, weights_only: tensors, containers and Python scalars only.
     optimizer, scheduler = accelerator._optimizers[0], accelerator._schedulers[0]
-    apply_state(checkpoint / OPTIMIZER_NAME, optimizer.load_state_dict, "optimizer (optim.name and model)")
-    apply_state(checkpoint / SCHEDULER_NAME, scheduler.load_state_dict, "LR scheduler")
+    apply_state(checkpoint / OPTIMIZER_NAME, optimizer.load_state_dict, "optimizer (optim.name and model)",
+                lambda saved: optimizer_mismatch(saved, optimizer))
+    apply_state(checkpoint / SCHEDULER_NAME, scheduler.load_state_dict, "LR scheduler",
+                lambda saved: scheduler_mismatch(saved, scheduler) or _scheduler_step_mismatch(saved, loaded.step))
     if accelerator.scaler is not None:
         apply_state(checkpoint / SCALER_NAME, accelerator.scaler.load_state_dict, "gradient scaler")
     rng_file = checkpoint / rng_state_name(rank)
@@ -240,6 +288,37 @@ def load_checkpoint(
     state.load_state_dict(loaded.state_dict())
 
 
+def _scheduler_step_mismatch(saved: dict, step: int) -> str | None:
+    """The scheduler steps once per optimizer step: its count must be train_state.json's step."""
+    last = saved.get("last_epoch")
+    return None if last == step else f"last_epoch {last}, while {TRAIN_STATE_NAME} says step {step}"
+
+
+def _check_position(checkpoint: Path, loaded: TrainState, epochs: int | None, steps_per_epoch: int | None,
+                    accumulation: int) -> None:
+    """train_state.json's step against the folder it sits in, and its position against the schedule."""
+    state_file = checkpoint / TRAIN_STATE_NAME
+    folder = _STEP_DIR.match(checkpoint.name)
+    if folder and int(folder.group(1)) != loaded.step:
+        raise MtScaleError(f"{state_file}: field 'step' is {loaded.step}, but the checkpoint folder is "
+                           f"{checkpoint.name}; {RESTART_HINT}")
+    if steps_per_epoch is None:
+        return
+    problem = None
+    if epochs is not None and loaded.epoch > epochs:
+        problem = f"field 'epoch' is {loaded.epoch}, past this run's run.epochs={epochs}"
+    elif loaded.batch_in_epoch % accumulation or loaded.batch_in_epoch >= steps_per_epoch * accumulation:
+        problem = (f"field 'batch_in_epoch' is {loaded.batch_in_epoch}, not a step boundary of an epoch of "
+                   f"{steps_per_epoch} steps")
+    elif loaded.step != loaded.epoch * steps_per_epoch + loaded.batch_in_epoch // accumulation:
+        problem = (f"field 'step' is {loaded.step}, but epoch {loaded.epoch} and batch {loaded.batch_in_epoch} "
+                   f"of {steps_per_epoch} steps per epoch make step "
+                   f"{loaded.epoch * steps_per_epoch + loaded.batch_in_epoch // accumulation}")
+    if problem:
+        raise MtScaleError(f"{state_file}: {problem}; resume with the settings and shard set the run was started "
+                           f"with, or {RESTART_HINT}")
+
+
 def _check_files(accelerator: Accelerator, checkpoint: Path) -> None:
     """Every file this rank reads is there (an old pickled checkpoint is refused unread)."""
     rank = accelerator.process_index
@@ -259,6 +338,8 @@ def _check_files(accelerator: Accelerator, checkpoint: Path) -> None:
         )
     wanted = [TRAIN_STATE_NAME, STUDENT_NAME, TEACHER_NAME, OPTIMIZER_NAME, SCHEDULER_NAME]
     wanted.append(rng_state_name(rank))
+    if accelerator.num_processes > 1:
+        wanted.append(teacher_buffers_name(rank))
     if accelerator.scaler is not None:
         wanted.append(SCALER_NAME)
     for name in wanted:

@@ -1,15 +1,15 @@
-"""Console entry points and their argument parsers: `mt-train`, `mt-bench` and the demo.
+"""Console entry points and their argument parsers: `mt-train` and `mt-bench`. Nothing imports this module.
 
 `mt-train ARGS` runs one process, exactly `accelerate launch -m mt_scale.train ARGS` with a
 single-process configuration; for several processes, GPUs or nodes use `accelerate launch` with
-its own flags or config file (docs/multinode.md) and the same ARGS.
+its own flags or config file (docs/multinode.md) and the same ARGS. `python -m mt_scale.train` runs
+this module as its main program (the training module does not import it back).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -78,14 +78,16 @@ def _train(args: argparse.Namespace) -> int:
 def add_options(
     parser: argparse.ArgumentParser, options: type, *, prefix: str = "", added: set[str] | None = None
 ) -> None:
-    """A flag per field of the `options` dataclass; with `prefix`, unshared ones are `--<prefix>-<name>`."""
+    """A flag per field of the `options` dataclass; with `prefix` (mt-bench all), unshared ones are
+    `--<prefix>-<name>` and defaults are those of `mt-bench all`."""
     added = set() if added is None else added
     for spec in fields(options):
         shared = spec.metadata["shared"]
         if shared and spec.name in added:
             continue
         named = f"{prefix}_{spec.name}" if prefix and not shared else spec.name
-        parser.add_argument(f"--{named.replace('_', '-')}", dest=named, default=spec.default,
+        default = spec.metadata["in_all"] if prefix else spec.default
+        parser.add_argument(f"--{named.replace('_', '-')}", dest=named, default=default,
                             help=spec.metadata["help"], **spec.metadata["argparse"])  # fmt: skip
         added.add(spec.name)
 
@@ -106,7 +108,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     output.add_argument("--work-dir", type=Path, help="keep generated inputs here (default: a temp dir)")
-    output.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    output.add_argument("--markdown", nargs="?", const=True, default=False, type=Path, metavar="FILE",
+                        help="print the table as Markdown; with FILE, also write it there")  # fmt: skip
     parser = argparse.ArgumentParser(
         prog="mt-bench",
         description="Time each stage of mt-scale beside the alternative a user would otherwise run.",
@@ -129,10 +132,6 @@ def build_bench_parser() -> argparse.ArgumentParser:
 def bench_main(argv: list[str] | None = None) -> int:
     """mt-bench; returns the exit status (2: a user error or an unwritable output, one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["gpu"]:  # the GPU check kit: its own options (the package mt_scale.bench.gpu)
-        from mt_scale.bench.gpu.cli import main as gpu_main
-
-        return gpu_main(argv)
     args = build_bench_parser().parse_args(argv)
     return run_cli("mt-bench", lambda: _bench(args, argv), os_hint="check --images and --work-dir")
 
@@ -149,40 +148,22 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     settings = {"command": args.command, "json": args.json, "plot": plot, "work_dir": args.work_dir,
                 "markdown": args.markdown}  # fmt: skip
     report = run_stages(options, "mt-bench " + " ".join(argv), args.work_dir, settings)
+    table = format_table(report["results"], markdown=bool(args.markdown))
+    verdicts = [f"target {check['figure']} {check['threshold']}: median {check['median']:.3g} -> "
+                f"{'holds' if check['holds'] else 'MISSED'}" for check in report["targets"]]  # fmt: skip
+    markdown_path = args.markdown if isinstance(args.markdown, Path) else None
     try:
-        write_outputs(report, args.json, plot)
+        write_outputs(report, args.json, plot, markdown_path, "\n".join([table, "", *verdicts]))
     except OSError as exc:
         reason = os_error_message(exc)
-        raise MtScaleError(f"cannot write {reason}; choose a writable --json/--plot path") from None
-    print(format_table(report["results"], markdown=args.markdown))
-    for check in report["targets"]:
-        verdict = "holds" if check["holds"] else "MISSED"
-        print(f"target {check['figure']} {check['threshold']}: median {check['median']:.3g} -> {verdict}")
+        raise MtScaleError(f"cannot write {reason}; choose a writable --json/--markdown/--plot path") from None
+    print(table)
+    for line in verdicts:
+        print(line)
     written = f"; wrote {args.json}" if args.json else ""
     print(f"mt-bench {args.command}: {len(report['results'])} figures in {report['elapsed_s']} s{written}")
     return 0
 
 
-def demo_main(argv: list[str] | None = None) -> int:
-    """`make demo` (python -m mt_scale.demo): Mean Teacher vs the supervised baseline on the digits."""
-    from mt_scale import demo
-
-    parser = argparse.ArgumentParser(prog="python -m mt_scale.demo", description=demo.__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(demo.DEMO_DIR), help=f"demo folder (default {demo.DEMO_DIR})")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(demo.SEEDS))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
-    def run() -> int:
-        started = time.perf_counter()
-        summary = demo.run_demo(args.out, seeds=args.seeds, overrides=args.overrides,
-                                progress=not args.no_progress)  # fmt: skip
-        print(demo.summary_text(summary, args.out, time.perf_counter() - started))
-        return 0
-
-    return run_cli("demo", run, os_hint="choose a writable --out folder with free space")
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m mt_scale.cli, and python -m mt_scale.train through runpy
     sys.exit(train_main())

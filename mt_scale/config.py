@@ -8,6 +8,7 @@ override in that order, each value typed by its field; `run.batch_scope` says wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import yaml
 from mt_scale.errors import MtScaleError
 from pipelines.config import DataConfig
 from pipelines.errors import PipelineError
+from shard_tools.bounded import load_yaml
+from shard_tools.text import plain_or_quoted, quoted
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS: tuple[str, ...] = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
@@ -34,6 +37,7 @@ class ModelConfig:
     in_chans: int = 3
     channels_last: bool = False
     compile: bool = False  # torch.compile the student (and teacher) after Accelerate wraps it
+    cuda_graph: bool = True  # on CUDA, capture the whole step as CUDA graphs and replay them (eager elsewhere)
 
 
 @dataclass
@@ -80,7 +84,9 @@ class RunConfig:
     output_dir: str = "runs/mt"
     shards: str = ""  # the shard set directory (mt-shard pack output)
     batch_scope: str = "per_device"  # "global": data batch sizes and optim.lr are per optimizer step
-    max_device_batch: int = 0  # global scope: most rows one device takes per micro-batch (0 = no cap)
+    # global scope: most rows one device takes per micro-batch. "auto": what the device's memory holds,
+    # measured at start on the real model (no cap on a CPU); an integer caps it (0 = no cap)
+    max_device_batch: str = "auto"
     log_with: str = "tensorboard"  # Accelerate's trackers, comma-separated (wandb, mlflow, aim...), or none
 
 
@@ -110,7 +116,7 @@ def load_config(
         file_values.pop("preset", None)
     if preset:
         if preset not in PRESETS:
-            raise MtScaleError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+            raise MtScaleError(f"unknown preset {quoted(preset)}; choose one of {list(PRESETS)}")
         path = PRESET_DIR / f"{preset}.yaml"
         values = _read_yaml(path)
         values.pop("preset", None)
@@ -123,13 +129,46 @@ def load_config(
     return validate_config(cfg)
 
 
+SEED_LIMIT = 2**32  # numpy's and torch's seeds: 0 .. 2**32 - 1
+IMAGE_CHANNELS = 3  # the pipelines give RGB images
+
+
+def _non_finite(cfg: Config) -> str | None:
+    """'section.key=value' of the first number setting that is not finite (nan, inf), else None."""
+    for section_name in SECTIONS:
+        section = getattr(cfg, section_name)
+        for item in dataclasses.fields(section):
+            value = getattr(section, item.name)
+            numbers = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                return f"{section_name}.{item.name}={quoted(value)}"
+    return None
+
+
+def _range_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """Ranges the libraries would otherwise refuse with a traceback, or accept and misbehave."""
+    return [
+        (0 <= cfg.run.seed < SEED_LIMIT, f"run.seed={cfg.run.seed}: must be in 0..{SEED_LIMIT - 1}"),
+        (0 <= cfg.data.seed < SEED_LIMIT, f"data.seed={cfg.data.seed}: must be in 0..{SEED_LIMIT - 1}"),
+        (0.0 <= cfg.optim.momentum < 1.0, f"optim.momentum={cfg.optim.momentum}: must be in [0, 1)"),
+        (cfg.optim.weight_decay >= 0, f"optim.weight_decay={cfg.optim.weight_decay}: must be >= 0"),
+        (0.0 <= cfg.model.drop_rate < 1.0, f"model.drop_rate={cfg.model.drop_rate}: must be in [0, 1)"),
+        (cfg.model.in_chans == IMAGE_CHANNELS,
+         f"model.in_chans={cfg.model.in_chans}: the shard pipelines give {IMAGE_CHANNELS}-channel RGB images; "
+         f"set model.in_chans={IMAGE_CHANNELS}"),
+    ]
+
+
 def validate_config(cfg: Config) -> Config:
     """Raise MtScaleError naming the first inconsistent value; returns cfg so calls chain."""
+    non_finite = _non_finite(cfg)
+    if non_finite:
+        raise MtScaleError(f"{non_finite}: must be a finite number")
     try:
         cfg.data.validate()
     except PipelineError as error:
         raise MtScaleError(str(error)) from error
-    checks = [
+    checks = _range_checks(cfg) + [
         (cfg.mt.consistency in ("mse", "kl"), f"mt.consistency={cfg.mt.consistency!r}: use mse or kl"),
         (0.0 <= cfg.mt.ema_decay < 1.0, f"mt.ema_decay={cfg.mt.ema_decay}: must be in [0, 1)"),
         (cfg.mt.consistency_weight >= 0, "mt.consistency_weight must be >= 0"),
@@ -153,15 +192,14 @@ def validate_config(cfg: Config) -> Config:
             cfg.run.batch_scope in BATCH_SCOPES,
             f"run.batch_scope={cfg.run.batch_scope!r}: use {' or '.join(BATCH_SCOPES)}",
         ),
-        (cfg.run.max_device_batch >= 0, "run.max_device_batch must be >= 0 (0 = no cap)"),
+        (
+            cfg.run.max_device_batch == "auto" or _is_count(cfg.run.max_device_batch),
+            f"run.max_device_batch={cfg.run.max_device_batch!r}: use auto or a row count >= 0 (0 = no cap)",
+        ),
         (cfg.run.log_every_steps >= 1, "run.log_every_steps must be >= 1"),
         (cfg.run.eval_every_epochs >= 0, "run.eval_every_epochs must be >= 0 (0 = only at the end)"),
         (cfg.run.checkpoint_every_epochs >= 0, "run.checkpoint_every_epochs must be >= 0"),
         (cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
-        (
-            cfg.model.drop_rate >= 0 and cfg.model.in_chans >= 1,
-            "model.drop_rate >= 0 and model.in_chans >= 1",
-        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -169,61 +207,8 @@ def validate_config(cfg: Config) -> Config:
     return cfg
 
 
-@dataclass(frozen=True)
-class DevicePlan:
-    """How one optimizer step's batch is laid over the devices (what report.json records)."""
-
-    world_size: int
-    grad_accum_steps: int
-    device_batch: int  # rows per device per micro-batch
-    labeled_per_rank: tuple[int, ...]  # labeled rows per micro-batch, rank by rank
-    global_batch: int  # rows per optimizer step over all devices
-    global_labeled: int
-    lr: float  # the peak LR the run uses
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "labeled_per_rank": list(self.labeled_per_rank)}
-
-
-def plan_devices(cfg: Config, world_size: int) -> DevicePlan:
-    """The per-device batch, accumulation and LR that run `cfg` on `world_size` devices.
-
-    Global scope: the smallest accumulation (at least run.grad_accum_steps) that splits the global
-    batch evenly over devices and micro-batches within run.max_device_batch, with the labeled rows
-    of a micro-batch spread over ranks (floor or ceil each, the exact global count in total). Every
-    rank has the same batch size, so DDP's gradient mean is the mean over the global batch.
-    """
-    if world_size < 1:
-        raise MtScaleError(f"world_size={world_size}: must be >= 1")
-    batch, labeled, accum = cfg.data.batch_size, cfg.data.labeled_per_batch, cfg.run.grad_accum_steps
-    if cfg.run.batch_scope == "per_device":
-        return DevicePlan(world_size, accum, batch, (labeled,) * world_size, batch * world_size * accum,
-                          labeled * world_size * accum, cfg.optim.lr * world_size * accum)
-    cap = cfg.run.max_device_batch or batch
-    for steps in range(accum, batch + 1):
-        if batch % (world_size * steps) or labeled % steps or batch // (world_size * steps) > cap:
-            continue
-        device_batch, micro_labeled = batch // (world_size * steps), labeled // steps
-        per_rank = tuple(micro_labeled // world_size + (rank < micro_labeled % world_size)
-                         for rank in range(world_size))
-        if min(per_rank) < 1 or max(per_rank) > device_batch:
-            continue
-        return DevicePlan(world_size, steps, device_batch, per_rank, batch, labeled, cfg.optim.lr)
-    raise MtScaleError(
-        f"run.batch_scope=global: a batch of {batch} rows ({labeled} labeled) cannot be split evenly over "
-        f"{world_size} devices within run.max_device_batch={cfg.run.max_device_batch}; use a device count "
-        "that divides data.batch_size, change the batch, or set run.batch_scope=per_device"
-    )
-
-
-def resolve_for_devices(cfg: Config, world_size: int, rank: int = 0) -> Config:
-    """A copy of `cfg` with what `rank` of `world_size` runs: per-device batch, accumulation, peak LR."""
-    plan = plan_devices(cfg, world_size)
-    data = dataclasses.replace(cfg.data, batch_size=plan.device_batch,
-                               labeled_per_batch=plan.labeled_per_rank[rank])
-    run = dataclasses.replace(cfg.run, grad_accum_steps=plan.grad_accum_steps)
-    optim = dataclasses.replace(cfg.optim, lr=plan.lr)
-    return dataclasses.replace(cfg, data=data, run=run, optim=optim)
+def _is_count(value: str) -> bool:
+    return value.isascii() and value.isdigit()
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -245,12 +230,17 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    fix = "fix the file"
     try:
-        values = yaml.safe_load(path.read_text())
-    except FileNotFoundError as error:
-        raise MtScaleError(f"{path}: config file not found; check the path") from error
-    except yaml.YAMLError as error:
-        raise MtScaleError(f"{path}: not valid YAML ({error}); fix the file") from error
+        if path.is_dir():
+            raise MtScaleError(f"{path}: is a folder, not a config file; give a YAML file to --config")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MtScaleError(f"{path}: config file not found; check the path") from None
+    except OSError as error:
+        raise MtScaleError(f"{path}: cannot read the config file ({error.strerror or error}); check the path "
+                           "and its permissions") from None
+    values = load_yaml(data, str(path), MtScaleError, fix=fix)
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -262,13 +252,13 @@ def _apply_mapping(cfg: Config, values: dict[str, Any], source: str) -> None:
     for section_name, section_values in values.items():
         section = _section(cfg, section_name, source)
         if not isinstance(section_values, dict):
-            raise MtScaleError(f"{source}: section {section_name!r} must be a mapping of keys to values")
+            raise MtScaleError(f"{source}: section {quoted(section_name)} must be a mapping of keys to values")
         for key, value in section_values.items():
             _set_field(section, section_name, key, value, source)
 
 
 def _apply_override(cfg: Config, override: str) -> None:
-    source = f"override {override!r}"
+    source = f"override {quoted(override)}"
     dotted, sep, raw_value = override.partition("=")
     section_name, dot, key = dotted.strip().partition(".")
     if not sep or not dot or not key:
@@ -281,15 +271,13 @@ def _apply_override(cfg: Config, override: str) -> None:
 
 
 def _parse_scalar(raw_value: str, source: str) -> Any:
-    try:
-        return yaml.safe_load(raw_value)
-    except yaml.YAMLError as error:
-        raise MtScaleError(f"{source}: cannot parse the value ({error})") from error
+    return load_yaml(raw_value, source, MtScaleError, fix="write the value as YAML, e.g. 0.05, true or [1, 2]",
+                     max_bytes=64 << 10)
 
 
 def _section(cfg: Config, name: str, source: str) -> Any:
     if name not in SECTIONS:
-        raise MtScaleError(f"{source}: unknown section {name!r}; valid sections: {', '.join(SECTIONS)}")
+        raise MtScaleError(f"{source}: unknown section {quoted(name)}; valid sections: {', '.join(SECTIONS)}")
     return getattr(cfg, name)
 
 
@@ -301,13 +289,13 @@ def _set_field(section: Any, section_name: str, key: str, value: Any, source: st
     types_by_name = _field_types(type(section))
     if key not in types_by_name:
         raise MtScaleError(
-            f"{source}: unknown key {section_name}.{key}; valid keys in {section_name}: "
+            f"{source}: unknown key {section_name}.{plain_or_quoted(key)}; valid keys in {section_name}: "
             f"{', '.join(types_by_name)}"
         )
     try:
         typed = _coerce(value, types_by_name[key])
     except (TypeError, ValueError) as error:
-        raise MtScaleError(f"{source}: {section_name}.{key}={value!r}: {error}") from error
+        raise MtScaleError(f"{source}: {section_name}.{key}={quoted(value)}: {error}") from None
     setattr(section, key, typed)
 
 

@@ -8,6 +8,7 @@ teacher/student top-1 error, and writes runs/demo/summary.json and runs/demo/com
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -173,7 +174,25 @@ def summary_text(summary: dict[str, dict[str, dict[str, float]]], out_dir: str |
     )
 
 
-if __name__ == "__main__":  # python -m mt_scale.demo (make demo)
-    from mt_scale.cli import demo_main
+def main(argv: list[str] | None = None) -> int:
+    """`make demo` (python -m mt_scale.demo): Mean Teacher vs the supervised baseline on the digits."""
+    from shard_tools.errors import run_cli
 
-    sys.exit(demo_main())
+    parser = argparse.ArgumentParser(prog="python -m mt_scale.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(DEMO_DIR), help=f"demo folder (default {DEMO_DIR})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
+        started = time.perf_counter()
+        summary = run_demo(args.out, seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress)
+        print(summary_text(summary, args.out, time.perf_counter() - started))
+        return 0
+
+    return run_cli("demo", run, os_hint="choose a writable --out folder with free space")
+
+
+if __name__ == "__main__":  # python -m mt_scale.demo (make demo)
+    sys.exit(main())

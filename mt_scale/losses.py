@@ -62,7 +62,7 @@ def mean_teacher_loss(
     teacher_out: tuple[torch.Tensor, torch.Tensor] | None,
     labels: torch.Tensor,
     *,
-    consistency_weight: float,
+    consistency_weight: float | torch.Tensor,
     consistency: str = "mse",
     logit_distance_cost: float = 0.0,
 ) -> dict[str, torch.Tensor]:
@@ -84,7 +84,9 @@ def mean_teacher_loss(
 
     class_term = class_loss(class_logits, labels) / minibatch_size
     zero = class_term.new_zeros(())
-    if consistency_weight and teacher_logits is not None:
+    # a weight on the device (a CUDA graph's) always takes the term; a float of 0 skips it
+    weighted = isinstance(consistency_weight, torch.Tensor) or consistency_weight != 0
+    if weighted and teacher_logits is not None:
         consistency_term = (
             consistency_weight
             * CONSISTENCY_LOSSES[consistency](consistency_logits, teacher_logits)

@@ -60,10 +60,17 @@ class StopRequest:
             self._previous.setdefault(child, current)
             signal.signal(child, _ignore_child)
 
-    def agreed(self, accelerator: Any) -> bool:
-        """True on every rank when any rank was signalled; call on every rank at the same step."""
+    def agreed(self, accelerator: Any, *, exchange: bool = True) -> bool:
+        """True on every rank when any rank was signalled; call on every rank at the same step.
+
+        A single process reads its own flag. Several ranks all-reduce it when `exchange` (the loop
+        passes its log steps, where it reads the device anyway) and otherwise go on, so a pre-empted
+        run stops at the next log step, the same one on every rank.
+        """
         if not self.installed or accelerator.num_processes == 1:
             return self.requested
+        if not exchange:
+            return False
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 

@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from mt_scale.errors import MtScaleError, os_error_message
 from mt_scale.evaluate import SCORE_NAMES
 from mt_scale.losses import LOSS_NAMES
 from shard_tools.files import atomic_output, atomic_write
+from shard_tools.locks import hold_folder, release_folder
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -48,48 +48,38 @@ ERROR_COLUMNS = tuple(column for column in EVAL_COLUMNS if column.endswith("_err
 METRIC_FIELDS = ("step", "epoch", "kind", *TRAIN_COLUMNS, *EVAL_COLUMNS)
 
 
-class LossWindow:
-    """The loss terms of the steps since the last logged row: their means per batch and the img/s."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.batches = 0
-        self.started = time.perf_counter()
-
-    def add(self, losses: Mapping[str, Any]) -> None:
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value)
-        self.batches += 1
-
-    def means(self) -> dict[str, float]:
-        """{metrics column: mean per batch} of every loss term."""
-        return {loss_column(name): total / self.batches for name, total in self.sums.items()}
-
-    def images_per_sec(self, images_per_batch: int) -> float:
-        return self.batches * images_per_batch / max(time.perf_counter() - self.started, 1e-9)
-
-
-def prepare_run_dir(run_dir: Path, *, remove: tuple[str, ...] = ()) -> Path | None:
-    """Create `run_dir` and delete the files or folders named in `remove` from it.
+def prepare_run_dir(run_dir: Path, *, remove: tuple[str, ...] = (), resuming: bool = False) -> Path | None:
+    """Create `run_dir`, take its lock (one run per folder, held until `release_run_dir` or the end of
+    the process), refuse checkpoints a new run would mix with, and delete the files or folders named
+    in `remove` from it.
 
     Returns the topmost folder this created (None if `run_dir` existed), for cleanup when the run
     fails. An OS error is one MtScaleError naming `run_dir`.
     """
     import shutil
 
+    from mt_scale.checkpoint import checkpoint_dirs
+
     missing = [path for path in (run_dir, *run_dir.parents) if not os.path.lexists(path)]
     created = missing[-1] if missing else None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        hold_folder(run_dir, who="another mt-train run", error=MtScaleError,
+                    fix="wait for it to finish, or choose another folder with --set run.output_dir=DIR")
+        if not resuming and checkpoint_dirs(run_dir):
+            raise MtScaleError(
+                f"{run_dir}: already holds a run with checkpoints; continue it with --resume or "
+                "choose another folder with --set run.output_dir=DIR"
+            )
         for name in remove:
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    except OSError as exc:
+    except (OSError, MtScaleError) as exc:
         if created is not None:
+            release_folder(run_dir)
             shutil.rmtree(created, ignore_errors=True)
+        if isinstance(exc, MtScaleError):
+            raise
         raise MtScaleError(
             f"{run_dir}: cannot create the run folder ({os_error_message(exc)}); "
             "choose a writable run.output_dir (--set run.output_dir=DIR)"
@@ -102,22 +92,22 @@ def open_run_dir(accelerator: Accelerator, run_dir: Path, *, resuming: bool) -> 
 
     A new run refuses a folder with checkpoints and removes what a run killed before its first one left.
     """
-    from mt_scale.checkpoint import EXPORT_NAME, checkpoint_dirs
+    from mt_scale.checkpoint import EXPORT_NAME
 
     created = None
-    if accelerator.is_main_process:
-        if not resuming and checkpoint_dirs(run_dir):
-            raise MtScaleError(
-                f"{run_dir}: already holds a run with checkpoints; continue it with --resume or "
-                "choose another folder with --set run.output_dir=DIR"
-            )
+    if accelerator.is_main_process:  # the main process writes the folder and holds its lock
         leftovers = (METRICS_NAME, REPORT_NAME, CURVES_NAME, EXPORT_NAME, TENSORBOARD_DIR)
-        created = prepare_run_dir(run_dir, remove=() if resuming else leftovers)
+        created = prepare_run_dir(run_dir, remove=() if resuming else leftovers, resuming=resuming)
     accelerator.wait_for_everyone()
     return created
 
 
-def written(path: Path, write: Callable[[], Any]) -> Any:
+def release_run_dir(run_dir: Path) -> None:
+    """Drop the lock `open_run_dir` took on `run_dir` (a no-op where this process holds none)."""
+    release_folder(run_dir)
+
+
+def write_or_fail(path: Path, write: Callable[[], Any]) -> Any:
     """`write()`, with an OS error or a library's write failure turned into one line naming `path`."""
     try:
         return write()

@@ -17,8 +17,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from mt_scale.errors import MtScaleError
+from mt_scale.graph import Replayed, StepGraphs, graph_unsupported
 from mt_scale.losses import consistency_weight, mean_teacher_loss
-from mt_scale.teacher import update_teacher
+from mt_scale.teacher import move_towards_student, update_teacher
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -104,6 +105,8 @@ class MeanTeacherStep:
     channels_last: bool
     student_rows: int  # rows of each batch the models see (the labeled ones in the supervised baseline)
     batch_size: int
+    graphs: StepGraphs | None = None  # the step captured as CUDA graphs (model.cuda_graph), else eager
+    eager_reason: str = "model.cuda_graph=false"
 
     @classmethod
     def create(
@@ -123,7 +126,7 @@ class MeanTeacherStep:
         if use_teacher and teacher is None:
             raise ValueError("use_teacher=True needs a teacher (mt_scale.teacher.create_teacher)")
         teacher = teacher if use_teacher else None
-        return cls(
+        step = cls(
             accelerator=accelerator,
             student=student,
             teacher=teacher,
@@ -137,6 +140,11 @@ class MeanTeacherStep:
             student_rows=cfg.data.batch_size if cfg.mt.enabled else cfg.data.labeled_per_batch,
             batch_size=cfg.data.batch_size,
         )
+        if cfg.model.cuda_graph:
+            step.eager_reason = graph_unsupported(step, cfg) or ""
+            if not step.eager_reason:
+                step.graphs = StepGraphs(step)
+        return step
 
     def weight(self, epoch: float | None) -> float:
         """The consistency weight at `epoch` (0 without a teacher or with mt.enabled=false)."""
@@ -149,51 +157,74 @@ class MeanTeacherStep:
     def __call__(
         self, batch: Mapping[str, torch.Tensor], step_index: int, epoch: float | None = None
     ) -> StepMetrics:
-        from pipelines import normalize
-
-        accelerator, rows, device = self.accelerator, self.student_rows, self.accelerator.device
         weight = self.weight(epoch)
-        student_in = normalize(
-            batch["student"][:rows].to(device, non_blocking=True), self.mean, self.std,
-            channels_last=self.channels_last,
-        )  # fmt: skip
-        teacher_in = None
-        if self.teacher_forward is not None:
-            teacher_in = normalize(
-                batch["teacher"][:rows].to(device, non_blocking=True), self.mean, self.std,
-                channels_last=self.channels_last,
-            )  # fmt: skip
-        labels = batch["label"][:rows].to(device, non_blocking=True)
+        if self.graphs is not None:
+            out = self.graphs(batch, step_index, weight)
+            if isinstance(out, Replayed):
+                return StepMetrics(out.losses, weight, out.step, out.stepped, self.student_rows)
+            if out is not None:
+                return out
+        return self.eager(batch, step_index, weight)
+
+    @property
+    def mode(self) -> str:
+        """How the step runs, for the line mt-train prints at start."""
+        return self.graphs.mode if self.graphs is not None else f"eager ({self.eager_reason})"
+
+    def inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rows the models see, on the device: "student", "teacher" (with a teacher), "label"."""
+        names = ("student", "teacher", "label") if self.teacher_forward is not None else ("student", "label")
+        device = self.accelerator.device
+        return {name: batch[name][: self.student_rows].to(device, non_blocking=True) for name in names}
+
+    def eager(self, batch: Mapping[str, torch.Tensor], step_index: int, weight: float) -> StepMetrics:
+        """The step as plain PyTorch calls (what a CUDA graph captures, and the path off CUDA)."""
         try:
-            with accelerator.accumulate(self.student):
-                teacher_out = None
-                if self.teacher_forward is not None:
-                    # Autocast here: the teacher is not prepared by Accelerate (the student's forward is).
-                    # In train mode this pass also updates the teacher's BatchNorm statistics.
-                    with torch.no_grad(), accelerator.autocast():
-                        teacher_out = self.teacher_forward(teacher_in)
-                student_out = self.student(student_in)
-                losses = mean_teacher_loss(
-                    student_out,
-                    teacher_out,
-                    labels,
-                    consistency_weight=weight,
-                    consistency=self.mt.consistency,
-                    logit_distance_cost=self.mt.logit_distance_cost,
-                )
-                accelerator.backward(losses["total"])
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            with self.accelerator.accumulate(self.student):
+                losses = self.compute(self.inputs(batch), weight)
         except RuntimeError as exc:
             raise memory_error(exc, self.batch_size) from None
-        stepped = accelerator.sync_gradients
+        stepped = self.accelerator.sync_gradients
         if stepped:
             self.scheduler.step()
             step_index += 1
-            if self.teacher is not None:
+            if self.teacher is not None and self.graphs is not None:
+                move_towards_student(self.teacher, self.student, self.graphs.fill_alpha(step_index))
+            elif self.teacher is not None:
                 update_teacher(self.teacher, self.student, self.mt.ema_decay, step_index)
-        detached = {name: value.detach() for name, value in losses.items()}
-        return StepMetrics(detached, weight, step_index, stepped, rows)
+        return StepMetrics(losses, weight, step_index, stepped, self.student_rows)
+
+    def compute(
+        self, inputs: Mapping[str, torch.Tensor], weight: float | torch.Tensor,
+        ema_alpha: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Normalise, teacher forward (no grad), student forward, losses, backward, optimizer step; with
+        `ema_alpha` (a CUDA graph's) also the EMA update. Inside `accelerator.accumulate`."""
+        from pipelines import normalize
+
+        student_in = normalize(inputs["student"], self.mean, self.std, channels_last=self.channels_last)
+        teacher_out = None
+        if self.teacher_forward is not None:
+            teacher_in = normalize(inputs["teacher"], self.mean, self.std, channels_last=self.channels_last)
+            # Autocast here: the teacher is not prepared by Accelerate (the student's forward is).
+            # In train mode this pass also updates the teacher's BatchNorm statistics.
+            with torch.no_grad(), self.accelerator.autocast():
+                teacher_out = self.teacher_forward(teacher_in)
+        student_out = self.student(student_in)
+        losses = mean_teacher_loss(
+            student_out,
+            teacher_out,
+            inputs["label"],
+            consistency_weight=weight,
+            consistency=self.mt.consistency,
+            logit_distance_cost=self.mt.logit_distance_cost,
+        )
+        self.accelerator.backward(losses["total"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if ema_alpha is not None and self.teacher is not None and self.accelerator.sync_gradients:
+            move_towards_student(self.teacher, self.student, ema_alpha)
+        return {name: value.detach() for name, value in losses.items()}
 
 
 def memory_error(exc: RuntimeError, batch_size: int) -> Exception:

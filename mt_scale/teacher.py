@@ -2,7 +2,11 @@
 
 After each optimizer step `update_teacher(teacher, student, ema_decay, step)` moves every parameter
 with one fused foreach lerp, alpha = min(1 - 1/(step + 1), ema_decay). BatchNorm statistics are the
-teacher's own (its train-mode forward passes), averaged over ranks (docs/design.md: training).
+teacher's own (its train-mode forward passes). They are averaged over ranks where they are read
+(evaluation, checkpoint, export) by `average_buffers_over_ranks`, not after every step: a running mean or
+variance is an EMA of batch statistics, so the mean over ranks of the EMAs is the EMA of the rank
+means, and averaging when read gives the teacher that averaging every step would, with no collective
+per step (docs/design.md: training).
 """
 
 from __future__ import annotations
@@ -48,27 +52,37 @@ def ema_alpha(decay: float, step: int) -> float:
 
 
 @torch.no_grad()
-def update_teacher(
-    teacher: nn.Module, student: nn.Module, decay: float, step: int, *, sync_buffers: bool = True
-) -> float:
+def update_teacher(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> float:
     """Move the teacher's parameters towards the student's; returns the alpha used.
 
-    `step` is the optimizer step count AFTER the step just taken (1 after the first step).
-    With `sync_buffers` and an initialised process group of more than one rank, the teacher's
-    floating-point buffers (BatchNorm running statistics) are averaged across ranks.
+    `step` is the optimizer step count AFTER the step just taken (1 after the first step). No
+    collective and no host read: the buffers are averaged where they are read (`average_buffers_over_ranks`).
     """
     alpha = ema_alpha(decay, step)
+    move_towards_student(teacher, student, alpha)
+    return alpha
+
+
+@torch.no_grad()
+def move_towards_student(teacher: nn.Module, student: nn.Module, alpha: float | torch.Tensor) -> None:
+    """teacher = alpha * teacher + (1 - alpha) * student over every parameter, in fused foreach ops.
+
+    `alpha` is a float, or a 0-dim tensor on the device that a CUDA graph replays with the value
+    filled in before each replay.
+    """
     teacher_params, student_params = _paired_parameters(teacher, student)
-    if all(s.dtype == t.dtype for s, t in zip(student_params, teacher_params, strict=True)):
+    if isinstance(alpha, torch.Tensor):
+        # foreach lerp takes its weight as a host scalar only; sub, mul by a tensor, add stay on the device
+        steps = torch._foreach_sub(student_params, teacher_params)
+        torch._foreach_mul_(steps, 1.0 - alpha)
+        torch._foreach_add_(teacher_params, steps)
+    elif all(s.dtype == t.dtype for s, t in zip(student_params, teacher_params, strict=True)):
         # lerp_(end, weight): t + weight * (s - t) = alpha * t + (1 - alpha) * s
         torch._foreach_lerp_(teacher_params, student_params, 1.0 - alpha)
     else:
         # low-precision student: add_ promotes in-kernel, so no fp32 copies of the student are made
         torch._foreach_mul_(teacher_params, alpha)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - alpha)
-    if sync_buffers:
-        sync_teacher_buffers(teacher)
-    return alpha
 
 
 @torch.no_grad()
@@ -83,11 +97,11 @@ def ema_update_loop(teacher: nn.Module, student: nn.Module, decay: float, step: 
 
 
 @torch.no_grad()
-def sync_teacher_buffers(teacher: nn.Module) -> None:
-    """Average the teacher's floating-point buffers over all ranks; a no-op in a single process."""
+def average_buffers_over_ranks(module: nn.Module) -> None:
+    """Average any module's floating-point buffers (BatchNorm statistics) over all ranks; a no-op in one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    buffers = [b for b in teacher.buffers() if b.is_floating_point()]
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
     if not buffers:
         return
     flat = torch.cat([b.reshape(-1).float() for b in buffers])

@@ -7,11 +7,10 @@ pre-emption) is in docs/design.md.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,11 +28,11 @@ from mt_scale.checkpoint import (
 )
 from mt_scale.config import Config
 from mt_scale.errors import MtScaleError
+from mt_scale.loss_window import LossWindow
 from mt_scale.preemption import StopRequest, next_batch
 from mt_scale.report import (
     CURVES_NAME,
     TRACKER_PROJECT,
-    LossWindow,
     MetricsWriter,
     build_report,
     eval_line,
@@ -42,17 +41,17 @@ from mt_scale.report import (
     plot_curves,
     summary_line,
     trackers,
+    write_or_fail,
     write_report,
-    written,
 )
-from mt_scale.train_eval import checked_label_rows, evaluate_run
+from mt_scale.train_eval import LabelCheck, evaluate_run
 from shard_tools.files import atomic_write
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from tqdm import tqdm
 
-    from mt_scale.config import DevicePlan
+    from mt_scale.device_plan import DevicePlan
     from mt_scale.step import MeanTeacherStep, TrainingParts
     from pipelines import Loaders
 
@@ -72,7 +71,7 @@ class TrainResult:
 
 @dataclass
 class Run:
-    """Everything one run holds from setup to finish (mt_scale.train_eval reads it too)."""
+    """Everything one run holds from setup to finish."""
 
     cfg: Config  # this rank's share (resolve_for_devices)
     resolved: dict[str, Any]  # the config as given: what config.yaml and report.json hold
@@ -91,6 +90,7 @@ class Run:
     steps_per_epoch: int
     batches_per_epoch: int
     images_per_batch: int  # student rows per batch over all ranks
+    labels: LabelCheck
     window: LossWindow = field(default_factory=LossWindow)
     last_eval: dict[str, float] = field(default_factory=dict)
     stopped_by: str | None = None  # "stop_after_steps" or the signal's name
@@ -173,17 +173,18 @@ def _setup(
     stop_after_steps: int | None,
 ) -> Run:
     """This rank's config, loaders, models and step; the checkpoint resumed; config.yaml and logs opened."""
-    from mt_scale.config import config_to_dict, config_to_yaml, plan_devices, resolve_for_devices
+    from mt_scale.config import config_to_dict, config_to_yaml
+    from mt_scale.device_plan import plan_devices, resolve_for_devices
+    from mt_scale.memory import agreed_device_limit
     from mt_scale.step import MeanTeacherStep, create_training
     from pipelines import build_loaders
 
     resolved, resolved_yaml = config_to_dict(cfg), config_to_yaml(cfg)
-    plan = plan_devices(cfg, accelerator.num_processes)
-    cfg = resolve_for_devices(cfg, accelerator.num_processes, accelerator.process_index)
+    measured = agreed_device_limit(cfg, accelerator)
+    plan = plan_devices(cfg, accelerator.num_processes, measured)
+    cfg = resolve_for_devices(cfg, accelerator.num_processes, accelerator.process_index, measured)
     accelerator.gradient_accumulation_steps = cfg.run.grad_accum_steps
-    accelerator.print(f"batch: {plan.global_batch} per step ({plan.global_labeled} labeled) = "
-                      f"{plan.world_size} devices x {plan.grad_accum_steps} micro-batches x "
-                      f"{plan.device_batch}; peak lr {plan.lr:g}")  # fmt: skip
+    accelerator.print(plan.summary())
     loaders = build_loaders(
         cfg.run.shards, cfg.data, rank=accelerator.process_index, world_size=accelerator.num_processes
     )
@@ -202,12 +203,14 @@ def _setup(
     accelerator.init_trackers(TRACKER_PROJECT, config=flat_hparams(resolved))
     # Supervised-only, the student takes the labeled rows alone (which may differ by one between ranks).
     images = plan.device_batch * plan.world_size if cfg.mt.enabled else sum(plan.labeled_per_rank)
+    step = MeanTeacherStep.create(cfg, accelerator, *parts)
+    accelerator.print(f"step: {step.mode}")
     return Run(
         cfg=cfg, resolved=resolved, plan=plan, accelerator=accelerator, run_dir=Path(cfg.run.output_dir),
         stop=stop, keep=keep, progress=progress, stop_after_steps=stop_after_steps, loaders=loaders,
-        parts=parts, step=MeanTeacherStep.create(cfg, accelerator, *parts), state=state, metrics=metrics,
+        parts=parts, step=step, state=state, metrics=metrics,
         steps_per_epoch=steps_per_epoch, batches_per_epoch=steps_per_epoch * cfg.run.grad_accum_steps,
-        images_per_batch=images,
+        images_per_batch=images, labels=LabelCheck(loaders.num_classes, cfg.run.shards, "training"),
     )  # fmt: skip
 
 
@@ -224,41 +227,63 @@ def _steps_per_epoch(cfg: Config, accelerator: Accelerator, loaders: Loaders) ->
 
 
 def _train_epoch(run: Run, bar: tqdm) -> None:
-    """The rest of the current epoch, one step per batch; stops early at an agreed step boundary."""
-    state, cfg = run.state, run.cfg
+    """The rest of the current epoch, one step per batch; stops early at an agreed step boundary.
+
+    Between log steps nothing here waits for the device: the loss terms add up on the device, the
+    labels are checked on the host before the step moves them, and the divergence check and the
+    ranks' agreement on a stop request come at log steps (and before every checkpoint).
+    """
+    state = run.state
     run.loaders.set_epoch(state.epoch)
     batches = iter(run.loaders.train)
     while state.batch_in_epoch < run.batches_per_epoch:
-        batch_start = time.perf_counter()
-        batch, batches = next_batch(batches, run.loaders, run.stop)
-        epoch = state.epoch + state.batch_in_epoch / run.batches_per_epoch
-        checked_label_rows(batch["label"][: run.step.student_rows], run.loaders.num_classes, cfg.run.shards,
-                           "training")  # fmt: skip
-        out = run.step(batch, state.step, epoch)
-        state.batch_in_epoch += 1
-        state.images_seen += run.images_per_batch
-        state.train_seconds += time.perf_counter() - batch_start  # loading included: end-to-end rate
-        run.window.add(out.losses)
-        if not out.stepped:
-            continue
-        state.step = out.step
-        if not math.isfinite(run.window.sums["total"]):
-            raise MtScaleError(
-                f"loss is {run.window.sums['total']} at step {state.step}: training diverged; lower optim.lr "
-                "(or mt.consistency_weight) in the preset"
-            )
-        bar.update(1)
-        if state.step % cfg.run.log_every_steps == 0 or state.step == run.total_steps:
-            _log_train(run, out.consistency_weight, epoch, bar)
-        # A step boundary: every rank takes the same decision here (the SIGTERM flag is all-reduced).
-        if run.stop_after_steps is not None and state.step >= run.stop_after_steps:
-            run.stopped_by = "stop_after_steps"
-        elif run.stop.agreed(run.accelerator):
-            run.stopped_by = run.stop.signal_name or "SIGTERM"  # signalled on another rank
+        started = time.perf_counter()
+        batches = _train_batch(run, batches, bar)
+        # loading, the step, the loss bookkeeping and logging: the end-to-end rate report.json gives
+        state.train_seconds += time.perf_counter() - started
         if run.stopped_by is not None:
             return
     state.epoch += 1
     state.batch_in_epoch = 0
+
+
+def _train_batch(run: Run, batches: Iterator[dict], bar: tqdm) -> Iterator[dict]:
+    """One batch: load it, check its labels, step, add up its losses; at a step boundary, log and decide
+    whether to stop. Returns the iterator to continue with."""
+    state, cfg = run.state, run.cfg
+    batch, batches = next_batch(batches, run.loaders, run.stop)
+    epoch = state.epoch + state.batch_in_epoch / run.batches_per_epoch
+    run.labels.check(batch["label"][: run.step.student_rows])
+    out = run.step(batch, state.step, epoch)
+    state.batch_in_epoch += 1
+    state.images_seen += run.images_per_batch
+    run.window.add(out.losses)
+    if not out.stepped:
+        return batches
+    state.step = out.step
+    bar.update(1)
+    at_log_step = state.step % cfg.run.log_every_steps == 0 or state.step == run.total_steps
+    if at_log_step:
+        _check_window(run)
+        _log_train(run, out.consistency_weight, epoch, bar)
+    # A step boundary: every rank takes the same decision here (the SIGTERM flag is all-reduced at log
+    # steps; a single process reads its own flag every step).
+    if run.stop_after_steps is not None and state.step >= run.stop_after_steps:
+        run.stopped_by = "stop_after_steps"
+    elif run.stop.agreed(run.accelerator, exchange=at_log_step):
+        run.stopped_by = run.stop.signal_name or "SIGTERM"  # signalled on another rank
+    return batches
+
+
+def _check_window(run: Run) -> None:
+    """One host read of the window: stop with one line if a loss term went non-finite or a label was bad."""
+    run.labels.raise_if_bad()
+    if not run.window.finite():
+        total = run.window.read().get("total")
+        raise MtScaleError(
+            f"loss is {total} by step {run.state.step}: training diverged; lower optim.lr "
+            "(or mt.consistency_weight) in the preset"
+        )
 
 
 def _log_train(run: Run, weight: float, epoch: float, bar: tqdm) -> None:
@@ -286,7 +311,7 @@ def _end_epoch(run: Run, bar: tqdm) -> None:
     if done >= settings.epochs:
         return
     if settings.eval_every_epochs and done % settings.eval_every_epochs == 0:
-        run.last_eval = evaluate_run(run)
+        run.last_eval = _evaluate(run)
         if run.accelerator.is_main_process and run.progress:
             bar.write(eval_line(run.state.step, run.last_eval))
     if settings.checkpoint_every_epochs and done % settings.checkpoint_every_epochs == 0:
@@ -297,7 +322,7 @@ def _finish(run: Run) -> TrainResult:
     """The one way out: a final checkpoint; a completed run also evaluates, exports and reports."""
     wall = time.perf_counter() - run.started
     if run.stopped_by is None:
-        run.last_eval = evaluate_run(run)
+        run.last_eval = _evaluate(run)
     checkpoint = _checkpoint(run)
     report: dict[str, Any] = {}
     if run.stopped_by is not None:
@@ -315,7 +340,7 @@ def _finish(run: Run) -> TrainResult:
 def _write_outputs(run: Run, wall: float) -> dict[str, Any]:
     """The exported teacher, report.json and curves.png (main process); returns the report."""
     cfg, run_dir, teacher = run.cfg, run.run_dir, run.parts.teacher
-    export_path = written(run_dir / EXPORT_NAME, lambda: export_teacher(teacher, run_dir / EXPORT_NAME))
+    export_path = write_or_fail(run_dir / EXPORT_NAME, lambda: export_teacher(teacher, run_dir / EXPORT_NAME))
     report = build_report(
         cfg, run_dir, run.state, run.last_eval, total_steps=run.total_steps, wall_seconds=wall,
         world_size=run.accelerator.num_processes, device=str(run.accelerator.device),
@@ -323,14 +348,22 @@ def _write_outputs(run: Run, wall: float) -> dict[str, Any]:
     )  # fmt: skip
     report["config"] = run.resolved
     report["batch"] = run.plan.as_dict()  # what the run used: per device, accumulation, global, lr
+    report["step_mode"] = run.step.mode  # CUDA graph or eager, and why
     write_report(run_dir, report)
     title = f"{cfg.preset or 'run'}: {'Mean Teacher' if cfg.mt.enabled else 'supervised'}"
-    written(run_dir / CURVES_NAME, lambda: plot_curves(run_dir, title=title))
+    write_or_fail(run_dir / CURVES_NAME, lambda: plot_curves(run_dir, title=title))
     print(summary_line(report), flush=True)
     return report
 
 
+def _evaluate(run: Run) -> dict[str, float]:
+    return evaluate_run(run.accelerator, run.parts.student, run.parts.teacher, run.loaders, run.cfg,
+                        step=run.state.step, epoch=run.state.step / run.steps_per_epoch, stop=run.stop,
+                        metrics=run.metrics)  # fmt: skip
+
+
 def _checkpoint(run: Run) -> Path:
+    _check_window(run)  # never checkpoint a diverged run
     return save_checkpoint(run.accelerator, run.run_dir, run.state, run.loaders, run.parts.teacher,
                            keep=run.keep, model_name=run.cfg.model.name,
                            num_classes=run.loaders.num_classes)  # fmt: skip
@@ -342,6 +375,7 @@ def _no_accelerator() -> bool:
 
 
 if __name__ == "__main__":  # python -m mt_scale.train, accelerate launch -m mt_scale.train: mt-train
-    from mt_scale.cli import train_main
+    import runpy
 
-    sys.exit(train_main())
+    # mt-train's module runs as the main program; it imports this module (as mt_scale.train), not back.
+    runpy.run_module("mt_scale.cli", run_name="__main__")

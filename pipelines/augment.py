@@ -6,6 +6,7 @@ backends only apply them (OpenCV in the torch backend; the DALI graph builds the
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -244,12 +245,20 @@ def hue_matrix(turns: float) -> np.ndarray:
 # ---------------------------------------------------------------- on the training device
 
 
+@functools.lru_cache(maxsize=32)
+def _normalize_constants(device: torch.device, dtype: torch.dtype, mean: tuple, std: tuple) -> tuple:
+    """normalize's per-channel scale and shift, copied to the device once: a copy from the host each
+    call would make every training step wait for the device (and cannot be captured in a CUDA graph)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device, dtype=dtype).view(1, 3, 1, 1)
+    return scale, shift
+
+
 def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
               channels_last: bool = False) -> torch.Tensor:
     """uint8 N,3,H,W (0..255) -> (x/255 - mean)/std in `dtype`, as ONE kernel on the images' device."""
     device = images.device
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device, dtype=dtype).view(1, 3, 1, 1)
+    scale, shift = _normalize_constants(device, dtype, tuple(mean), tuple(std))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(images.shape, dtype=dtype, device=device, memory_format=fmt)
     return torch.addcmul(shift, images, scale, out=out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipelines.errors import PipelineError
+from shard_tools.format import DEFAULT_MAX_PIXELS
 
 BACKENDS = ("auto", "torch", "dali")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,6 +21,8 @@ class DataConfig:
     `student_aug`, `teacher_aug`, `eval_aug` name presets in `pipelines.augment.AUGMENT_PRESETS`.
     `mean`/`std` are RGB on the 0..1 scale, applied on the training device by `pipelines.normalize`.
     `shuffle_buffer` is the per-worker sample shuffle buffer (0 = no sample shuffle).
+    `max_pixels` caps width x height of a training or eval image, read from its header before decoding;
+    a larger one is skipped and counted like an undecodable one (the cap `mt-shard verify --decode` uses).
     """
 
     batch_size: int = 128
@@ -34,6 +37,7 @@ class DataConfig:
     mean: tuple[float, float, float] = field(default=IMAGENET_MEAN)
     std: tuple[float, float, float] = field(default=IMAGENET_STD)
     seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     @property
     def unlabeled_per_batch(self) -> int:
@@ -63,6 +67,8 @@ class DataConfig:
             raise PipelineError(
                 "data.workers and data.shuffle_buffer must be >= 0 and data.eval_batch_size >= 1"
             )
+        if self.max_pixels < 1:
+            raise PipelineError(f"data.max_pixels={self.max_pixels}: must be at least 1 (width x height)")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise PipelineError("data.mean and data.std need three RGB values (0..1 scale), std > 0")
         return self

@@ -29,6 +29,8 @@ from pipelines.mixing import (
 )
 from pipelines.reading import Sample, Split, draws
 from pipelines.workers import make_dataloader, storage_environment, worker_context, worker_start
+from shard_tools.format import DEFAULT_MAX_PIXELS
+from shard_tools.imaging import BadImage, open_image
 
 # OpenCV decodes to BGR; this column permutation makes a colour matrix read BGR and write RGB
 _BGR_TO_RGB = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.float64)
@@ -60,18 +62,31 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+_UNUSABLE = "its image does not decode, or holds more pixels than data.max_pixels"
+
+
 def _view_scale(matrix: np.ndarray) -> float:
     """How many output pixels one source pixel spans (the larger axis), from the 2x3 matrix."""
     return float(max(np.hypot(matrix[0, 0], matrix[1, 0]), np.hypot(matrix[0, 1], matrix[1, 1])))
 
 
 def render_views(data: bytes, specs: Sequence[AugmentSpec], rng: np.random.Generator,
-                 outs: Sequence[np.ndarray]) -> bool:
+                 outs: Sequence[np.ndarray], max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
     """Decode `data` once and write one view per spec into `outs` (each 3,H,W uint8).
 
-    Returns False (writing nothing) when the bytes do not decode as an image.
+    Returns False (writing nothing) when the bytes do not decode as an image, or when the header says
+    the image holds more than `max_pixels` pixels (checked before any pixel is decoded).
     """
+    if not data:
+        return False
     size = jpeg_size(data)
+    if size is None:  # not a JPEG header we read: PIL reads the header of any other format
+        try:
+            size = open_image(data, max_pixels).size
+        except BadImage:  # over the cap, or not an image at all
+            return False
+    if size[0] * size[1] > max_pixels:
+        return False
     image = None
     if size is None:  # not a baseline/progressive JPEG header we can read: plain full decode
         image = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED_FLAGS[1])
@@ -143,8 +158,10 @@ class Draws:
     stream, so a resumed worker that skips i draws without decoding renders draw i exactly as before.
     """
 
-    def __init__(self, split: Split, samples: range, seed: tuple, shuffle_buffer: int) -> None:
+    def __init__(self, split: Split, samples: range, seed: tuple, shuffle_buffer: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.split, self.samples, self.stream_seed = split, samples, seed_for(*seed, "view")
+        self.max_pixels = max_pixels
         self._stream = draws(split, samples, (*seed, "order"), shuffle_buffer, cycle=True)
         self.position = 0  # draws so far, undecodable ones included
         self.skipped = 0  # undecodable draws so far
@@ -166,7 +183,7 @@ class Draws:
         """Render the next decodable draw into `outs`; (key, label)."""
         while True:
             key, data, label = self._next()
-            if render_views(data, specs, draw_rng(self.stream_seed, self.position - 1), outs):
+            if render_views(data, specs, draw_rng(self.stream_seed, self.position - 1), outs, self.max_pixels):
                 self._failures = 0
                 return key, label
             self.skip_undecodable(key)
@@ -181,7 +198,7 @@ class Draws:
                 f"{_shard_names(self.split, self.samples)}: none of the {len(self.samples)} {self.split.name} "
                 "images this reader holds decodes; check the set with `mt-shard verify --decode` and re-pack it")
         if self._failures <= 3:
-            warnings.warn(f"skipping sample {key!r}: its image does not decode", stacklevel=1)
+            warnings.warn(f"skipping sample {key!r}: {_UNUSABLE}", stacklevel=1)
 
 
 def _guarded(batches: Iterator[dict]) -> Iterator[dict]:
@@ -203,6 +220,7 @@ class TrainStream(IterableDataset):
         self.specs = (request.student, request.teacher)
         self.labeled_rows, self.unlabeled_rows = cfg.labeled_per_batch, cfg.unlabeled_per_batch
         self.shuffle_buffer, self.seed, self.with_keys = cfg.shuffle_buffer, cfg.seed, request.with_keys
+        self.max_pixels = cfg.max_pixels
         self.rank, self.world_size, self.workers = request.rank, request.world_size, max(cfg.workers, 1)
         self.epoch = 0
         self.starts: list[list[int]] | None = None  # per worker: batches, labeled and unlabeled draws to skip
@@ -219,7 +237,8 @@ class TrainStream(IterableDataset):
     def _draws(self, split: Split, worker: int, tag: str, whole: bool) -> Draws:
         samples = range(split.total) if whole else reader_range(split.total, self.rank, self.world_size, worker,
                                                                 self.workers)
-        return Draws(split, samples, (self.seed, self.epoch, self.rank, worker, tag), self.shuffle_buffer)
+        return Draws(split, samples, (self.seed, self.epoch, self.rank, worker, tag), self.shuffle_buffer,
+                     self.max_pixels)
 
     def __iter__(self) -> Iterator[dict]:
         return _guarded(self._batches(worker_start(self.storage_environment)))
@@ -267,6 +286,7 @@ class ValStream(IterableDataset):
         self.split, self.spec, self.batch_size = request.val, request.eval_spec, request.cfg.eval_batch_size
         self.rank, self.world_size, self.workers = request.rank, request.world_size, max(request.cfg.workers, 1)
         self.with_keys = request.with_keys
+        self.max_pixels = request.cfg.max_pixels
         self.storage_environment = storage_environment(request)
 
     def samples(self, worker: int, rank: int | None = None) -> range:
@@ -288,9 +308,9 @@ class ValStream(IterableDataset):
         images = _shared_batch(self.batch_size, self.spec.output_size)
         skipped = 0
         for key, data, label in draws(self.split, self.samples(worker), (), 0, cycle=False):
-            if not render_views(data, (self.spec,), rng, (images.numpy()[len(rows)],)):
+            if not render_views(data, (self.spec,), rng, (images.numpy()[len(rows)],), self.max_pixels):
                 skipped += 1
-                warnings.warn(f"skipping val sample {key!r}: its image does not decode", stacklevel=1)
+                warnings.warn(f"skipping val sample {key!r}: {_UNUSABLE}", stacklevel=1)
                 continue
             rows.append(label)
             keys.append(key)

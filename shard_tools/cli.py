@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from shard_tools import storage
+
+    for location in (args.out, getattr(args, "new_out", None), getattr(args, "url", None)):
+        if location is not None:
+            storage.check_location(location)  # a URL that is not one is refused, not taken as a folder
     if args.command == "pack":
         options = dict(
             labels_per_class=args.labels_per_class, label_fraction=args.label_fraction,

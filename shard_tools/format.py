@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from shard_tools.errors import UserError
+from shard_tools.text import plain_or_quoted, quoted
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -44,6 +45,9 @@ LABEL_EXT = "lbl"
 META_EXT = "json"
 SAMPLE_EXTS = (IMAGE_EXT, CLASS_EXT, LABEL_EXT)
 NO_LABEL = -1
+# The one pixel cap (width x height) of pack, `verify --decode` and training decode: PIL's own default,
+# so a small file claiming 20000x20000 (a decompression bomb) is refused from its header.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ShardFormatError(UserError):
@@ -175,9 +179,8 @@ def is_shard_name(name: object, split: str | None = None) -> bool:
 
 
 def short_repr(value: object) -> str:
-    """`repr(value)`, cut to 40 characters: a value read from a file, quoted in a message."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    """A value read from a file, quoted in a message: escaped and cut to 40 characters (text.quoted)."""
+    return quoted(value, 40)
 
 
 def is_class_name(name: object) -> bool:
@@ -188,6 +191,5 @@ def is_class_name(name: object) -> bool:
 def shown(name: str) -> str:
     """A name read from a file, fit for a one-line message: as it is when plain, else quoted and escaped
     (so a newline or terminal escape in a hostile name can neither split nor forge a line)."""
-    plain = name.isprintable() and not any(c.isspace() for c in name) and len(name) <= 100
-    return name if plain else short_repr(name)
+    return plain_or_quoted(name, 100) if isinstance(name, str) and len(name) <= 100 else short_repr(name)
 

@@ -9,17 +9,17 @@ import stat
 import threading
 import warnings
 from struct import error as struct_error  # some PIL plugins raise it on damaged headers
+from typing import Protocol
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from shard_tools.format import DEFAULT_MAX_PIXELS
+
 # Keep the original bytes of JPEGs in these modes; anything else (PNG, CMYK JPEG, ...) is re-encoded
 # so every `.jpg` member decodes to RGB with any JPEG decoder.
 _KEEP_MODES = ("RGB", "L")
-# The one pixel cap of pack and `verify --decode` (`--max-pixels`): PIL's own default, so a small file
-# claiming 20000x20000 (a decompression bomb) is refused from its header, before any pixel is decoded.
-DEFAULT_MAX_PIXELS = 89_478_485
 _PIL_CHECK = threading.Lock()
 _NOT_REGULAR = "not a regular file (a FIFO, device or socket)"
 
@@ -28,11 +28,39 @@ class BadImage(Exception):
     """An input file that cannot be packed; the message is the reason listed in the manifest."""
 
 
-def read_bytes(path: str | tuple | None, data: bytes | None) -> bytes:
-    """The bytes of an input image; only regular files are read (a FIFO would block, /dev/zero never ends)."""
+class Readable(Protocol):
+    """What an image inside another file (an archive member) offers: its bytes, or BadImage."""
+
+    def read(self) -> bytes: ...
+
+
+_HEAD_BYTES = 1 << 16  # enough for any image header but a JPEG with large APP segments before its frame
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest input file pack reads: an uncompressed image of `max_pixels` 16-bit RGBA pixels, plus 1 MiB."""
+    return max_pixels * 8 + (1 << 20)
+
+
+def _check_head(head: bytes, max_pixels: int) -> None:
+    """Refuse, from the file's first bytes, what is not an image or is over the pixel cap."""
+    try:
+        open_image(head, max_pixels)
+    except BadImage as exc:
+        if str(exc) == "not an image" or str(exc).startswith("too large"):
+            raise
+        # a header running past the first bytes (large metadata): judged once the file is read
+
+
+def read_bytes(path: str | Readable | None, data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The bytes of an input image; only regular files are read (a FIFO would block, /dev/zero never ends).
+
+    Before the file is read whole, its size (stat) and its header are checked: a file larger than any
+    image under `max_pixels` could be, one that is not an image and one over the cap are refused first.
+    """
     if data is not None:
         return data
-    if isinstance(path, tuple):  # a member of an archive: shard_tools.archive_files.ArchiveMember
+    if not isinstance(path, str):  # a member of an archive (shard_tools.sources.archive_files.ArchiveMember)
         return path.read()
     try:
         # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer; fstat then rejects it.
@@ -43,10 +71,17 @@ def read_bytes(path: str | tuple | None, data: bytes | None) -> bytes:
                 raise BadImage(_NOT_REGULAR) from None
         raise BadImage(f"unreadable: {exc.strerror or exc}") from None
     with open(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
             raise BadImage(_NOT_REGULAR)
+        if info.st_size > max_file_bytes(max_pixels):
+            raise BadImage(f"too large: {info.st_size} bytes, more than an image of at most {max_pixels} pixels "
+                           "holds (see --max-pixels)")
         try:
-            return handle.read()
+            head = handle.read(_HEAD_BYTES)
+            if len(head) == _HEAD_BYTES:
+                _check_head(head, max_pixels)
+            return head + handle.read()
         except OSError as exc:
             raise BadImage(f"unreadable: {exc.strerror or exc}") from None
 

@@ -6,21 +6,25 @@ from pathlib import Path
 
 from shard_tools.format import SPLITS
 from shard_tools.manifest import read_manifest
+from shard_tools.text import escaped, quoted
+
+_SHOWN_LIMIT = 160  # characters of a path or reason from the manifest shown on a line
 
 
 def _printable(value: object) -> str:
-    """Text from the manifest as one printable line: a newline or terminal escape in it is shown escaped."""
-    text = str(value)
-    return text if text.isprintable() else repr(text)
+    """A value from the manifest as one short printable line: a newline or terminal escape in it is shown
+    escaped and quoted, a long one cut (shard_tools.text)."""
+    text = value if isinstance(value, str) else escaped(value, _SHOWN_LIMIT)
+    return text if text.isprintable() and len(text) <= _SHOWN_LIMIT else quoted(text, _SHOWN_LIMIT)
 
 
 def _label_method(label_split: dict) -> str:
     method = label_split.get("method")
     seed = label_split.get("seed")
     if method == "labels_per_class":
-        how = f"{label_split.get('labels_per_class')} labeled images per class, seed {seed}"
+        how = f"{_printable(label_split.get('labels_per_class'))} labeled images per class, seed {_printable(seed)}"
     elif method == "fraction":
-        how = f"fraction {label_split.get('fraction')} of each class labeled, seed {seed}"
+        how = f"fraction {_printable(label_split.get('fraction'))} of each class labeled, seed {_printable(seed)}"
     elif method == "file":
         how = f"labels file {_printable(label_split.get('file'))}"
     elif method == "all":
@@ -35,7 +39,8 @@ def _label_method(label_split: dict) -> str:
 def _val_method(val_split: dict) -> str:
     method = val_split.get("method")
     if method == "fraction":
-        return f"class-balanced {val_split.get('fraction')} of the training images held out, seed {val_split.get('seed')}"
+        return (f"class-balanced {_printable(val_split.get('fraction'))} of the training images held out, "
+                f"seed {_printable(val_split.get('seed'))}")
     if method in ("folder", "list", "archive"):
         return f"the source's own val {method}"
     return "none"
@@ -54,7 +59,7 @@ def describe(shard_dir: str | Path) -> str:
     manifest = read_manifest(shard_dir)
     names = ", ".join(manifest.classes[:10]) + (", ..." if manifest.num_classes > 10 else "")
     lines = [
-        f"shard set {shard_dir} (format {manifest.format_version}, packed by mt-scale "
+        f"shard set {_printable(str(shard_dir))} (format {manifest.format_version}, packed by mt-scale "
         f"{_printable(manifest.tool_version)})",
         f"source:   {_printable(manifest.source)}",
         f"classes:  {manifest.num_classes} ({names})",

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shard_tools import storage
+from shard_tools.bounded import load_json
 from shard_tools.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -127,6 +128,50 @@ _LABEL_METHODS = {"labels_per_class": "labels_per_class", "fraction": "fraction"
 _VAL_METHODS = ("folder", "list", "archive", "fraction", "none")
 
 
+def _is_text(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+# Every field of the nested objects, with its check and what it must be: verify names any other.
+_NESTED_FIELDS: dict[str, dict[str, tuple]] = {
+    "label_split": {"method": (_is_text, "text"), "seed": (lambda v: _is_int(v, 0), "a whole number >= 0"),
+                    "labels_per_class": (_is_number, "a number"), "fraction": (_is_number, "a number"),
+                    "file": (_is_text, "a path"), "resplit_of": (_is_text, "a path"),
+                    "labeled_per_class": (lambda v: isinstance(v, list), "a list of counts")},
+    "val_split": {"method": (_is_text, "text"), "fraction": (_is_number, "a number"),
+                  "seed": (lambda v: _is_int(v, 0), "a whole number >= 0")},
+    "image": {"max_side": (lambda v: v is None or _is_int(v, 1), "a pixel count or null"),
+              "quality": (lambda v: _is_int(v, 1), "1..100"), "max_pixels": (lambda v: _is_int(v, 1), "a pixel count")},
+}
+
+
+def _nested_problems(data: dict) -> list[str]:
+    """Unknown fields, and fields of the wrong type, inside label_split, val_split, image, pack_args and skipped."""
+    problems = []
+    for section, known in _NESTED_FIELDS.items():
+        values = data.get(section)
+        for name, value in values.items() if isinstance(values, dict) else ():
+            if name not in known:
+                problems.append(f"{section}.{shown(name)}: unknown field")
+            elif not known[name][0](value):
+                problems.append(f"{section}.{name} is {short_repr(value)}, not {known[name][1]}")
+    pack_args = data.get("pack_args")
+    for name, value in pack_args.items() if isinstance(pack_args, dict) else ():
+        if not _is_scalar(value):
+            problems.append(f"pack_args.{shown(name)} is {short_repr(value)}, not a single value")
+    skipped = data.get("skipped")
+    for position, entry in enumerate(skipped if isinstance(skipped, list) else ()):
+        extra = [name for name in entry if name not in ("path", "reason", "key")] if isinstance(entry, dict) else []
+        if extra:
+            problems.append(f"skipped[{position}].{shown(extra[0])}: unknown field")
+            break
+    return problems
+
+
 def _split_problems(split: str, info: object) -> list[str]:
     where = f"splits.{shown(split)}"
     if split not in SPLITS:
@@ -214,7 +259,7 @@ def manifest_problems(data: dict) -> list[str]:
             problems.append(f"val_split.method is {short_repr(val_split.get('method'))}, not one of {', '.join(_VAL_METHODS)}")
         elif val_split["method"] == "fraction" and not _is_number(val_split.get("fraction")):
             problems.append(f"val_split.fraction is {short_repr(val_split.get('fraction'))}, not a number")
-    return problems
+    return problems + [problem for problem in _nested_problems(data) if problem not in problems]
 
 
 def _label_split_problems(label_split: object, classes: list | None) -> list[str]:
@@ -252,7 +297,7 @@ def read_manifest_data(shard_dir: str | Path) -> dict:
     `shard_dir` is a local folder or an s3://bucket/prefix URL; the manifest is read through
     shard_tools.storage either way.
     """
-    base = str(shard_dir)
+    base = storage.check_location(shard_dir)
     path = manifest_path(base)
     if not storage.is_remote(base):
         if not Path(base).is_dir():
@@ -260,10 +305,10 @@ def read_manifest_data(shard_dir: str | Path) -> dict:
         if not Path(path).is_file():
             raise ShardFormatError(f"{path}: missing; this folder is not a shard set (pack one with mt-shard pack)")
     try:
-        data = json.loads(storage.read_bytes(path).decode("utf-8"))  # object storage: a missing one is one line
-    except (OSError, ValueError, RecursionError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else str(exc)[:80]
-        raise ShardFormatError(f"{path}: unreadable manifest ({reason}); re-pack the set") from None
+        raw = storage.read_bytes(path)  # object storage: a missing one is one line
+    except OSError as exc:
+        raise ShardFormatError(f"{path}: unreadable manifest ({exc.strerror or exc}); re-pack the set") from None
+    data = load_json(raw, path, ShardFormatError, fix="re-pack the set")
     check_manifest_header(data, path)
     return data
 

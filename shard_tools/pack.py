@@ -22,12 +22,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shard_tools import storage
 from shard_tools.errors import os_error_message
 from shard_tools.files import check_output_location, make_dirs, sha256_file
 from shard_tools.format import SPLITS, ShardFormatError
 from shard_tools.imaging import DEFAULT_MAX_PIXELS, BadImage, encode_for_shard, inspect, read_bytes
+from shard_tools.locks import folder_lock
 from shard_tools.manifest import Manifest, read_manifest
-from shard_tools.pack_resume import STATE_NAME, abandon, finished_shards, out_state, save_state
+from shard_tools.pack_resume import STATE_NAME, abandon, finished_shards, journal_shard, out_state, save_state
 from shard_tools.plan import PackPlan, ShardTask, make_plan, write_set_files
 from shard_tools.sources import DIGITS, load_source
 from shard_tools.split import read_labels_file
@@ -151,7 +153,7 @@ def _parallel_map(function: Callable, tasks: list, workers: int, ordered: bool, 
 def _scan_one(item: tuple[str | None, bytes | None, int]) -> tuple[str | None, int, int, bool, int]:
     """(reason it is bad or None, width, height, keepable JPEG, file bytes)."""
     try:
-        raw = read_bytes(item[0], item[1])
+        raw = read_bytes(item[0], item[1], item[2])
         width, height, keep = inspect(raw, item[2])
         return None, width, height, keep, len(raw)
     except BadImage as exc:
@@ -159,19 +161,29 @@ def _scan_one(item: tuple[str | None, bytes | None, int]) -> tuple[str | None, i
 
 
 def _pack_shard(task: ShardTask) -> tuple[ShardResult, list[dict]]:
+    """Write one shard; it is in OUT's resume journal before it takes its final name."""
     skipped: list[dict] = []
 
     def samples():
         for entry in task.samples:
             try:
-                jpeg = encode_for_shard(read_bytes(entry.path, entry.data), task.max_side, task.quality,
+                jpeg = encode_for_shard(read_bytes(entry.path, entry.data, task.max_pixels), task.max_side, task.quality,
                                         task.max_pixels)
             except BadImage as exc:
                 skipped.append({"path": entry.origin, "reason": str(exc), "key": entry.key})
                 continue
             yield sample_members(entry.key, jpeg, entry.written_label, {"source": entry.origin, "size": entry.size})
 
-    return write_shard(task.out_dir, task.name, samples()), skipped
+    def journal(result: ShardResult) -> None:
+        journal_shard(Path(task.out_dir), task.name, shard_record(task, result, skipped))
+
+    return write_shard(task.out_dir, task.name, samples(), before_publish=journal), skipped
+
+
+def shard_record(task: ShardTask, result: ShardResult, skipped: list[dict]) -> dict:
+    """What the resume journal and the manifest keep of a finished shard."""
+    return {"plan": task.plan_hash, "sha256": result.sha256, "count": result.count, "bytes": result.bytes,
+            "skipped": skipped}
 
 
 def _check_input_files(labels_file: str | Path | None, val_labels: str | Path | None,
@@ -215,9 +227,22 @@ def _make_plan(source: str | Path, out: Path, pack_args: dict, pixel_cap: int, w
     return plan
 
 
-def _write_set(out: Path, plan: PackPlan, pack_args: dict, resuming: bool, workers: int,
-               progress: bool) -> tuple[Manifest, int]:
-    """Write the shards not finished yet (in parallel, recording each as it lands), then the set files.
+_LOCK_WHO = "another mt-shard pack or resplit"
+_LOCK_FIX = "wait for it to finish, or choose another OUT"
+
+
+def _lock_new_out(out: Path, held: contextlib.ExitStack, pack_args: dict, state: str) -> None:
+    """Lock an OUT this run has just made, for the rest of the pack; refuse it when another pack wrote
+    it while this one was planning."""
+    held.enter_context(folder_lock(out, who=_LOCK_WHO, fix=_LOCK_FIX))
+    if out_state(out, pack_args) != state:
+        raise ShardFormatError(f"{out}: another pack wrote this folder while this one was planning; "
+                               "run the command again")
+
+
+def _write_set(out: Path, plan: PackPlan, pack_args: dict, state: str, workers: int,
+               progress: bool, held: contextlib.ExitStack, locked: bool) -> tuple[Manifest, int]:
+    """Write the shards not finished yet (in parallel; each worker journals its shards), then the set files.
 
     Returns the manifest and the count of shards written by this run.
     """
@@ -225,17 +250,17 @@ def _write_set(out: Path, plan: PackPlan, pack_args: dict, resuming: bool, worke
     records: dict[str, dict] = {}
     try:
         created = make_dirs(out)
-        records = finished_shards(out, plan, resuming=resuming)
+        if not locked:
+            _lock_new_out(out, held, pack_args, state)
+        records = finished_shards(out, plan, resuming=state == "resume")
         save_state(out, pack_args, records)
         # Largest shards first, so the last ones to finish are small and workers end together.
         todo = sorted((t for t in plan.tasks if t.name not in records), key=lambda t: -len(t.samples))
-        plan_hashes = {t.name: t.plan_hash for t in todo}
+        tasks = {t.name: t for t in todo}
         bar = tqdm(total=sum(len(t.samples) for t in todo), desc="pack", unit="img", disable=not progress)
         with _one_thread_per_worker():
             for result, skipped in _parallel_map(_pack_shard, todo, workers, ordered=False):
-                records[result.name] = {"plan": plan_hashes[result.name], "sha256": result.sha256,
-                                        "count": result.count, "bytes": result.bytes, "skipped": skipped}
-                save_state(out, pack_args, records)
+                records[result.name] = shard_record(tasks[result.name], result, skipped)
                 bar.update(result.count + len(skipped))
         bar.close()
         manifest = write_set_files(out, plan, records)
@@ -271,7 +296,7 @@ def pack(
     `max_pixels` caps width x height of an input image (default: PIL's own cap, DEFAULT_MAX_PIXELS);
     a larger one is skipped from its header, never decoded.
     """
-    if "://" in str(out_dir):  # Path() would turn s3://b/set into a local folder s3:/b/set
+    if "://" in storage.check_location(out_dir):  # Path() would turn s3://b/set into a local folder s3:/b/set
         raise ShardFormatError(f"{out_dir}: pack writes a local folder; for object storage use "
                                "shard_tools.pack_s3.pack_to_s3 (what `mt-shard pack SRC s3://...` runs)")
     started = time.perf_counter()
@@ -300,15 +325,19 @@ def pack(
     if max_pixels is not None:  # recorded only when given, so sets packed before the option still match
         pack_args["max_pixels"] = int(max_pixels)
     pixel_cap = int(max_pixels) if max_pixels is not None else DEFAULT_MAX_PIXELS
-    state = _out_state_of(out, source, pack_args)
-    if state == "complete":
-        return PackSummary.of_set(out, read_manifest(out), 0.0, already_complete=True)
-    check_output_location(out, "OUT")  # before the long check: a wrong OUT fails in a second
+    with contextlib.ExitStack() as held:  # OUT's lock, once taken, until the pack ends
+        locked = out.is_dir()
+        if locked:  # a second writer is refused before the long check
+            held.enter_context(folder_lock(out, who=_LOCK_WHO, fix=_LOCK_FIX))
+        state = _out_state_of(out, source, pack_args)
+        if state == "complete":
+            return PackSummary.of_set(out, read_manifest(out), 0.0, already_complete=True)
+        check_output_location(out, "OUT")  # before the long check: a wrong OUT fails in a second
 
-    plan = _make_plan(source, out, pack_args, pixel_cap, workers, progress, labels_file=labels_file,
-                      classes_file=classes_file, val_list=val_list, val_labels=val_labels)
-    # Everything a user can get wrong has been checked: from here on files are written.
-    manifest, written = _write_set(out, plan, pack_args, state == "resume", workers, progress)
+        plan = _make_plan(source, out, pack_args, pixel_cap, workers, progress, labels_file=labels_file,
+                          classes_file=classes_file, val_list=val_list, val_labels=val_labels)
+        # Everything a user can get wrong has been checked: from here on files are written.
+        manifest, written = _write_set(out, plan, pack_args, state, workers, progress, held, locked)
     return PackSummary.of_set(out, manifest, time.perf_counter() - started, shards_written=written,
                               shards_kept=len(plan.tasks) - written,
                               skipped_paths=[entry["path"] for entry in manifest.skipped])

@@ -1,16 +1,19 @@
 """What a pack leaves in OUT between runs, and how the next run reads it: the resume state.
 
-`.mt-shard-pack.json` records the options that decide the output (`pack_args`) and, per finished
-shard, its plan hash, sha256, count, bytes and skipped images. A rerun with the same options keeps
-the finished shards whose plan and sha256 still match and packs the rest; a finished set is checked
-against its manifest; anything else in OUT is refused. Only the set's own files and this state file
-(and their temporaries) are ever deleted.
+`.mt-shard-pack.json` is a journal: its first line (written whole, then renamed) records the options
+that decide the output (`pack_args`) and the shards finished before this run; each worker then
+appends one line per shard it finishes (plan hash, sha256, count, bytes, skipped images) before the
+shard takes its final name, so every finished shard on disk is in the journal whenever the pack is
+killed. A rerun with the same options keeps the finished shards whose plan and sha256 still match
+and packs the rest; a finished set is checked against its manifest; anything else in OUT is refused.
+Only the set's own files and this state file (and their temporaries) are ever deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 from shard_tools.errors import os_error_message
@@ -66,11 +69,7 @@ def out_state(out: Path, pack_args: dict) -> str:
         return "complete"
     state_file = out / STATE_NAME
     if state_file.exists():
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            state = {}
-        if isinstance(state, dict) and state.get("pack_args") == pack_args:
+        if read_state(out).get("pack_args") == pack_args:
             return "resume"
         raise ShardFormatError(f"{out}: holds an unfinished pack with other options; rerun that command or delete {out}")
     # Only temporaries of our own names count as leftovers; a user's `notes.partial` is theirs.
@@ -100,14 +99,7 @@ def _shard_done(out: Path, record: dict | None, task: ShardTask) -> bool:
 def finished_shards(out: Path, plan: PackPlan, resuming: bool) -> dict[str, dict]:
     """Records of the shards an interrupted run finished and that still match the plan; clears the rest."""
     remove_partials(out, is_pack_output)
-    records: dict = {}
-    if resuming:
-        try:
-            records = json.loads((out / STATE_NAME).read_text()).get("shards", {})
-        except (ValueError, AttributeError):
-            records = {}  # a damaged state file: every shard is packed again
-    if not isinstance(records, dict):
-        records = {}
+    records = read_state(out)["shards"] if resuming else {}
     records = {t.name: records[t.name] for t in plan.tasks if _shard_done(out, records.get(t.name), t)}
     planned = {t.name for t in plan.tasks} | {index_name(t.name) for t in plan.tasks}
     for leftover in [*out.glob("*.tar"), *out.glob("*.idx")]:
@@ -132,5 +124,42 @@ def abandon(out: Path, created: list[Path], records: dict, exc: OSError) -> Shar
 
 
 def save_state(out: Path, pack_args: dict, records: dict[str, dict]) -> None:
-    """Record the options and the finished shards, so a killed pack resumes from here."""
+    """Start the journal: the options and the shards finished so far (one line, written whole)."""
     atomic_write(out / STATE_NAME, json.dumps({"pack_args": pack_args, "shards": records}))
+
+
+def journal_shard(out: Path, name: str, record: dict) -> None:
+    """Append one finished shard to the journal (one write of one line; any worker, any order).
+
+    The line starts with its newline, so a line cut short by a kill stays alone on its line and is
+    ignored, and the lines after it still read.
+    """
+    line = b"\n" + json.dumps({"shard": name, **record}).encode()
+    descriptor = os.open(out / STATE_NAME, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(descriptor, line)
+    finally:
+        os.close(descriptor)
+
+
+def read_state(out: Path) -> dict:
+    """{"pack_args": ..., "shards": {name: record}} from the journal; what does not read is left out
+    (a damaged journal's shards are packed again)."""
+    try:
+        lines = (out / STATE_NAME).read_bytes().split(b"\n")
+    except OSError:
+        lines = []
+    state: dict = {"pack_args": None, "shards": {}}
+    for number, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if number == 0:
+            shards = entry.get("shards")
+            state = {"pack_args": entry.get("pack_args"), "shards": dict(shards) if isinstance(shards, dict) else {}}
+        elif isinstance(entry.get("shard"), str):
+            state["shards"][entry.pop("shard")] = entry
+    return state

@@ -20,6 +20,7 @@ from shard_tools import s3
 from shard_tools.format import MANIFEST_NAME, ShardFormatError
 from shard_tools.pack import PackSummary, pack
 from shard_tools.push import DEFAULT_WORKERS, PushSummary, push
+from shard_tools.s3_claim import claim_prefix
 
 
 def staging_folder(url: str) -> Path:
@@ -52,8 +53,9 @@ def pack_to_s3(source: str | Path, url: str, *, staging: str | Path | None = Non
             "or delete that set first"
         )
     folder = Path(staging) if staging is not None else staging_folder(url)
-    packed = pack(source, folder, progress=progress, **pack_options)
-    pushed = push(folder, url, workers=push_workers, progress=progress)
+    with claim_prefix(url, "mt-shard pack"):  # one writer per prefix, from the pack to the last upload
+        packed = pack(source, folder, progress=progress, **pack_options)
+        pushed = push(folder, url, workers=push_workers, progress=progress, claim=False)
     if staging is not None:
         return packed, pushed, folder
     shutil.rmtree(folder, ignore_errors=True)

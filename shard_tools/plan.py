@@ -25,6 +25,7 @@ from shard_tools.format import (
 from shard_tools.imaging import DEFAULT_MAX_PIXELS, target_size
 from shard_tools.manifest import Manifest, SplitInfo
 from shard_tools.sources import Collection, Item
+from shard_tools.sources.archive_files import ArchiveMember
 from shard_tools.split import choose_labeled, holdout, match_labels_file, read_labels_file, shuffled
 
 SPLIT_CODE = {TRAIN_LABELED: 1, TRAIN_UNLABELED: 2, VAL: 3}
@@ -36,7 +37,7 @@ class PlannedSample:
     key: str
     written_label: int  # the `.cls`/`.lbl` value: the class, or NO_LABEL in unlabeled shards
     origin: str
-    path: str | None
+    path: str | ArchiveMember | None
     data: bytes | None
     size: tuple[int, int]  # original (width, height)
 
@@ -108,10 +109,15 @@ def cut_into_shards(entries: list, sizes: list[int], shard_size: int, shard_byte
     return chunks
 
 
+def _location(path: str | ArchiveMember) -> str | list:
+    """Where a sample's bytes are, as the plan hash records it (an archive member as [archive, offset, size])."""
+    return [path.archive, path.offset, path.size] if isinstance(path, ArchiveMember) else path
+
+
 def _plan_hash(task: ShardTask) -> str:
     description = [task.name, task.max_side, task.quality]
     for s in task.samples:
-        content = hashlib.sha1(s.data).hexdigest() if s.data is not None else s.path
+        content = hashlib.sha1(s.data).hexdigest() if s.data is not None else _location(s.path)
         description.append([s.key, s.written_label, s.origin, content, list(s.size)])
     return hashlib.sha256(json.dumps(description).encode()).hexdigest()
 

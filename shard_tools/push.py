@@ -8,6 +8,7 @@ object already there with the right size and sha256, and uploads the rest.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from shard_tools.format import (
     index_name,
 )
 from shard_tools.manifest import Manifest, read_manifest
+from shard_tools.s3_claim import claim_prefix
 
 DEFAULT_WORKERS = 8  # uploads are network-bound: more threads than cores
 
@@ -120,8 +122,13 @@ def _check_destination(source: Path, url: str, manifest_bytes: bytes) -> tuple[d
     return remote, True
 
 
-def push(source: str | Path, url: str, workers: int = DEFAULT_WORKERS, progress: bool = True) -> PushSummary:
-    """Upload the shard set folder `source` to the s3:// prefix `url`; returns what was done."""
+def push(source: str | Path, url: str, workers: int = DEFAULT_WORKERS, progress: bool = True,
+         claim: bool = True) -> PushSummary:
+    """Upload the shard set folder `source` to the s3:// prefix `url`; returns what was done.
+
+    With `claim`, the prefix is claimed first (shard_tools.s3_claim: one writer per prefix); a caller
+    that already holds the claim passes False.
+    """
     if s3.is_s3(str(source)):
         raise ShardFormatError(f"{source}: push uploads a local set; give a local folder as SET")
     if workers < 1:
@@ -132,6 +139,13 @@ def push(source: str | Path, url: str, workers: int = DEFAULT_WORKERS, progress:
     manifest = read_manifest(source)
     files = _set_files(source, manifest)
     manifest_bytes = (source / MANIFEST_NAME).read_bytes()
+    with claim_prefix(url, "mt-shard push") if claim else contextlib.nullcontext():
+        return _upload(source, url, files, manifest_bytes, workers, progress, started)
+
+
+def _upload(source: Path, url: str, files: list[_SetFile], manifest_bytes: bytes, workers: int, progress: bool,
+            started: float) -> PushSummary:
+    """Every file of the set not already there, in parallel threads, then the manifest."""
     remote, manifest_there = _check_destination(source, url, manifest_bytes)
 
     total = sum(entry.size for entry in files) + len(manifest_bytes)

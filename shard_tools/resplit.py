@@ -13,6 +13,7 @@ a failed or interrupted re-split leaves no NEWOUT; the next run discards the tem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ from shard_tools.format import (
     parse_index,
     shard_name,
 )
+from shard_tools.locks import folder_lock
 from shard_tools.manifest import Manifest, parse_key_classes, read_manifest
 from shard_tools.pack import PackSummary, check_seed
 from shard_tools.plan import (
@@ -156,13 +158,21 @@ def _check_target(source: Path, target: Path) -> None:
     check_output_location(target, "NEWOUT")
 
 
+_LOCK_WHO = "another mt-shard resplit"
+_LOCK_FIX = "wait for it to finish, or choose another NEWOUT"
+
+
 def _discard_leftover(temp: Path) -> str:
     """Remove the temporary folder an interrupted earlier re-split left; refuse one that is not ours."""
     if not temp.exists() and not temp.is_symlink():
         return ""
-    if temp.is_symlink() or not temp.is_dir() or not (temp / MARKER_NAME).is_file():
+    if temp.is_symlink() or not temp.is_dir():
         raise ShardFormatError(f"{temp}: exists and was not left by mt-shard resplit; move or delete it, then rerun")
-    shutil.rmtree(temp)
+    with folder_lock(temp, who=_LOCK_WHO, fix=_LOCK_FIX):  # refuses a re-split still writing it
+        if not (temp / MARKER_NAME).is_file():
+            raise ShardFormatError(f"{temp}: exists and was not left by mt-shard resplit; move or delete it, "
+                                   "then rerun")
+        shutil.rmtree(temp)
     return f"discarded the unfinished re-split an earlier run left in {temp}"
 
 
@@ -230,6 +240,7 @@ def resplit(
     keys = sorted(truth)
     labels = [manifest.classes.index(truth[key]) for key in keys]
     handles: dict[Path, object] = {}
+    held = contextlib.ExitStack()  # the temporary folder's lock, until NEWOUT is in place
     temp = partial_path(target)
     created: list[Path] = []
     made_temp = False
@@ -239,8 +250,12 @@ def resplit(
         note = _discard_leftover(temp)
         # From here on files are written, all under the temporary folder.
         created = make_dirs(target.parent)
-        temp.mkdir()
+        try:
+            temp.mkdir()
+        except FileExistsError:  # made by a re-split that started meanwhile
+            raise ShardFormatError(f"{temp}: {_LOCK_WHO} started writing it; {_LOCK_FIX}") from None
         made_temp = True
+        held.enter_context(folder_lock(temp, who=_LOCK_WHO, fix=_LOCK_FIX))
         (temp / MARKER_NAME).write_text(json.dumps({"source": str(source.resolve())}))
         tasks, records = _write_training_shards(temp, keys, labels, chosen, places, handles, seed, size, shard_bytes,
                                                 progress)
@@ -272,6 +287,7 @@ def resplit(
             raise ShardFormatError(f"{os_error_message(exc, target)}; nothing was written to {target}") from None
         raise
     finally:
+        held.close()
         for handle in handles.values():
             handle.close()
     return PackSummary.of_set(target, new_manifest, time.perf_counter() - started, shards_written=len(tasks),

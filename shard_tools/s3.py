@@ -26,8 +26,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from shard_tools.format import ShardFormatError
+from shard_tools.s3_urls import SCHEME
+from shard_tools.s3_urls import is_s3 as is_s3
+from shard_tools.s3_urls import parse_url as parse_url
 
-SCHEME = "s3://"
 SHA256_METADATA = "sha256"  # object metadata (x-amz-meta-sha256) that push writes and resumes by
 DEFAULT_MAX_ATTEMPTS = 5  # botocore's attempts per request, the first one included
 CONNECT_TIMEOUT_S = 10
@@ -53,21 +55,6 @@ def _forget_clients_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_clients_after_fork)
-
-
-def is_s3(url: object) -> bool:
-    """Whether `url` names object storage (an `s3://` URL) rather than a local path."""
-    return isinstance(url, str) and url.startswith(SCHEME)
-
-
-def parse_url(url: str) -> tuple[str, str]:
-    """(bucket, key) of `s3://bucket/key`; the key may be empty (the bucket's root) or a prefix."""
-    if not is_s3(url):
-        raise ShardFormatError(f"{url}: not an s3:// URL; write it as s3://bucket/prefix")
-    bucket, _, key = url[len(SCHEME) :].partition("/")
-    if not bucket or any(char.isspace() for char in url) or "\\" in url:
-        raise ShardFormatError(f"{url}: not a valid s3:// URL; write it as s3://bucket/prefix")
-    return bucket, key
 
 
 def join(base: str, name: str) -> str:
@@ -119,7 +106,11 @@ def _session(fingerprint: str) -> tuple[object, object, int]:
 
 def _build_client(fingerprint: str) -> tuple[object, int]:
     session, config, attempts = _session(fingerprint)
-    return session.client("s3", config=config), attempts  # type: ignore[attr-defined]
+    try:
+        return session.client("s3", config=config), attempts  # type: ignore[attr-defined]
+    except ValueError:  # botocore: "Invalid endpoint: ..." (the value is not shown: it may hold a secret)
+        raise ShardFormatError("the S3 endpoint is not a URL; set AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3, the "
+                               "profile's endpoint_url) like http://host:9000, or unset it for AWS itself") from None
 
 
 def _client_and_attempts() -> tuple[object, int]:
@@ -135,7 +126,7 @@ def _client_and_attempts() -> tuple[object, int]:
 
 def client() -> object:
     """This process's boto3 S3 client for the current AWS environment (built on first use)."""
-    with _translate("s3://", "s3:ListBucket"):
+    with translate_errors("s3://", "s3:ListBucket"):
         return _client_and_attempts()[0]
 
 
@@ -201,7 +192,7 @@ def _client_error_line(url: str, error: Exception, permission: str) -> str:
 
 
 @contextmanager
-def _translate(url: str, permission: str) -> Iterator[None]:
+def translate_errors(url: str, permission: str) -> Iterator[None]:
     """Turn what boto3 raises into one ShardFormatError line naming `url` and the fix."""
     from boto3.exceptions import S3UploadFailedError
     from botocore import exceptions as boto
@@ -259,7 +250,7 @@ def _read_body(url: str, open_body: Callable[[object], object],
     body_errors = _body_errors()
     attempt = 0
     while True:
-        with _translate(url, "s3:GetObject"):
+        with translate_errors(url, "s3:GetObject"):
             s3_client, attempts = _client_and_attempts()
             body = open_body(s3_client)
             try:
@@ -315,7 +306,7 @@ def object_info(url: str) -> ObjectInfo | None:
     bucket, key = _object_key(url)
     from botocore.exceptions import ClientError
 
-    with _translate(url, "s3:GetObject"):
+    with translate_errors(url, "s3:GetObject"):
         s3_client = _client_and_attempts()[0]
         try:
             head = s3_client.head_object(Bucket=bucket, Key=key)  # type: ignore[attr-defined]
@@ -345,7 +336,7 @@ def list_sizes(prefix_url: str) -> dict[str, int]:
     bucket, key = parse_url(prefix_url)
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
     sizes = {}
-    with _translate(prefix_url, "s3:ListBucket"):
+    with translate_errors(prefix_url, "s3:ListBucket"):
         paginator = _client_and_attempts()[0].get_paginator("list_objects_v2")  # type: ignore[attr-defined]
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             for entry in page.get("Contents", []):
@@ -365,7 +356,7 @@ def upload_file(path: str | Path, url: str, sha256: str | None = None,
 
     bucket, key = _object_key(url)
     extra = {"Metadata": {SHA256_METADATA: sha256}} if sha256 else None
-    with _translate(url, "s3:PutObject"):
+    with translate_errors(url, "s3:PutObject"):
         _client_and_attempts()[0].upload_file(  # type: ignore[attr-defined]
             str(path), bucket, key, ExtraArgs=extra, Callback=callback, Config=TransferConfig(max_concurrency=4)
         )

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 
 from shard_tools.format import ShardFormatError
+from shard_tools.text import plain_or_quoted
 
 _FILE_SCHEME = "file://"
 _S3_SCHEME = "s3://"
@@ -22,6 +24,31 @@ _AWS_PREFIX = "AWS_"
 def is_remote(url: object) -> bool:
     """Whether `url` names object storage (read over the network) rather than a local path."""
     return isinstance(url, str) and url.startswith(_S3_SCHEME)
+
+
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")  # scheme:/... : meant as a URL, whatever follows
+
+
+def check_location(location: str | os.PathLike) -> str:
+    """A set's location as given, checked once: an s3:// URL parsed strictly (shard_tools.s3.parse_url), a
+    file:// URL, or a local path. Text that looks like a URL but is not one (`s3:/bucket/x`, `gs://x`) is
+    refused rather than taken as a local folder; a URL with credentials in it is refused without being shown.
+    """
+    text = str(location)
+    if is_remote(text):
+        _s3().parse_url(text)
+        return text
+    if text.startswith(_FILE_SCHEME) or not _URL_LIKE.match(text):
+        return text
+    scheme, _, rest = text.partition(":")
+    if "@" in rest.lstrip("/").partition("/")[0]:
+        raise ShardFormatError("a URL with credentials in it (user:password@) is refused and not shown; use a local "
+                               "folder or s3://bucket/prefix with credentials in the AWS_* environment")
+    if "://" in text:
+        raise ShardFormatError(f"{plain_or_quoted(text)}: storage scheme {plain_or_quoted(scheme)}:// is not supported; "
+                               "use a local folder or s3://bucket/prefix")
+    raise ShardFormatError(f"{plain_or_quoted(text)}: looks like a URL but is not one (an s3:// URL has two slashes: "
+                           f"s3://bucket/prefix); for a local folder of that name, write ./{plain_or_quoted(text)}")
 
 
 def _s3():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +43,13 @@ def sample_members(key: str, jpeg: bytes, label: int, meta: dict | None) -> dict
     return sample
 
 
-def write_shard(out_dir: str | Path, name: str, samples: Iterable[dict]) -> ShardResult:
+def write_shard(out_dir: str | Path, name: str, samples: Iterable[dict],
+                before_publish: Callable[[ShardResult], None] | None = None) -> ShardResult:
     """Write the samples (dicts of member bytes with `__key__`) as `out_dir/name` plus its index.
 
-    Returns count 0 and writes nothing when `samples` is empty.
+    Returns count 0 and writes nothing when `samples` is empty. `before_publish(result)` runs once the
+    tar and its index are complete, just before the tar takes its final name (a resume journal records
+    the shard there, so no finished shard is ever on disk unrecorded).
     """
     out_dir = Path(out_dir)
     tar_path = out_dir / name
@@ -62,6 +65,8 @@ def write_shard(out_dir: str | Path, name: str, samples: Iterable[dict]) -> Shar
     idx_path = out_dir / index_name(name)
     atomic_write(idx_path, build_index(temp_tar))
     digest = sha256_file(temp_tar)
-    size = temp_tar.stat().st_size
+    result = ShardResult(name, count, digest, temp_tar.stat().st_size)
+    if before_publish is not None:
+        before_publish(result)
     os.replace(temp_tar, tar_path)
-    return ShardResult(name, count, digest, size)
+    return result

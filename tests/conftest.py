@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +35,66 @@ def photo_shards(photo_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("photo_shards") / "shards"
     pack(photo_tree, out, label_fraction=0.25, seed=0, shard_size=16, workers=1, progress=False)
     return out
-# Object storage (issue 12): a real S3 server (moto, in a subprocess) and its fixtures, from
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread meanwhile: a float reduction split over another thread count rounds
+    differently, and 50 steps at the digits' learning rate magnify that past any tolerance."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class ReferenceRun:
+    """A finished digits run and the settings that made it; `config` builds another run with them."""
+
+    result: Any  # mt_scale.train.TrainResult
+    overrides: tuple[str, ...]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.result.run_dir
+
+    def config(self, shards: str | Path, out: Path, *extra: str):
+        from mt_scale.config import load_config
+
+        return load_config("digits-demo", overrides=[f"run.shards={shards}", f"run.output_dir={out}",
+                                                     *self.overrides, *extra])
+
+
+# 2 epochs of 25 steps, every step logged, evaluated and checkpointed after each epoch (the last
+# checkpoint kept), in-process loading: a run with data.workers=1 draws the very same batches.
+REFERENCE_OVERRIDES = ("data.workers=0", "run.epochs=2", "optim.lr_rampdown_epochs=2", "run.eval_every_epochs=1",
+                       "run.checkpoint_every_epochs=1", "run.keep_checkpoints=1", "run.log_every_steps=1")
+
+
+@pytest.fixture(scope="session")
+def reference_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
+    """One finished digits run (on one torch thread) that every test only reads: its artefacts, and the
+    uninterrupted run each exact-resume check (stopped, SIGTERM, from object storage) compares with.
+    Compare under `one_torch_thread()`."""
+    from mt_scale.train import train
+
+    reference = ReferenceRun(None, REFERENCE_OVERRIDES)
+    cfg = reference.config(digits_shards, tmp_path_factory.mktemp("reference") / "run")
+    with one_torch_thread():
+        return ReferenceRun(train(cfg, progress=False), REFERENCE_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def torch_thread() -> Any:
+    """`with torch_thread():` torch on one thread, as the reference run was trained."""
+    return one_torch_thread
+
+
+# Object storage: a real S3 server (moto, in a subprocess) and its fixtures, from
 # tests/s3_server.py, loaded by path so it works whatever sys.path the run has.
 def _load_s3_server_fixtures():
     import importlib.util

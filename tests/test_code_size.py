@@ -1,4 +1,4 @@
-"""The size limits the maintainers hold the code to (issue 13): a module a reader takes in at once."""
+"""The size limits the maintainers hold the code to: a module a reader takes in at once."""
 
 from __future__ import annotations
 

@@ -200,17 +200,27 @@ def image_size(text: str) -> tuple[int, int]:
 
 
 def option(
-    default: Any, help: str, *, shared: bool = False, shown: str | None = None, **argparse_kwargs: Any
+    default: Any,
+    help: str,
+    *,
+    shared: bool = False,
+    shown: str | None = None,
+    in_all: Any = None,
+    **argparse_kwargs: Any,
 ) -> Any:
     """A stage option: a dataclass field whose default and help the mt-bench parser reads.
 
     `shared` options (the same in several stages) appear once in `mt-bench all`; the others appear
-    there prefixed with their stage (`--train-batch-size`). `shown` describes the default in the help
-    (when it is None or computed); other keywords go to `add_argument`.
+    there prefixed with their stage (`--train-batch-size`). `in_all`, when given, is the default in
+    `mt-bench all` instead. `shown` describes the default in the help (when it is None or computed);
+    other keywords go to `add_argument`.
     """
     if shown is None:
         shown = "x".join(map(str, default)) if isinstance(default, tuple) else str(default)
-    metadata = {"help": f"{help} (default: {shown})", "shared": shared, "argparse": argparse_kwargs}
+    if in_all is not None:
+        shown += f"; {in_all} in mt-bench all"
+    metadata = {"help": f"{help} (default: {shown})", "shared": shared, "argparse": argparse_kwargs,
+                "in_all": default if in_all is None else in_all}  # fmt: skip
     return field(default=default, metadata=metadata)
 
 

@@ -190,6 +190,7 @@ def derived_figures(results: list[dict]) -> list[dict]:
             "x",
             [b / r for b, r in zip(best["values"], by_name["pipeline/reference"]["values"], strict=True)],
             best=best["name"],
+            device=best["detail"].get("device"),
         )
     ]
     if "pipeline/decode_ceiling" in by_name:
@@ -202,6 +203,7 @@ def derived_figures(results: list[dict]) -> list[dict]:
                     for b, c in zip(best["values"], by_name["pipeline/decode_ceiling"]["values"], strict=True)
                 ],
                 best=best["name"],
+                device=best["detail"].get("device"),
             )
         )
     return derived

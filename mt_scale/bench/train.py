@@ -1,15 +1,20 @@
-"""`mt-bench train`: mt_scale.step's function timed three ways on one synthetic batch.
+"""`mt-bench train`: mt_scale.step's function timed three ways on one synthetic batch, and the real loop.
 
 The Mean Teacher step; the same function with the teacher forward and EMA update off (the plain
 supervised step a user would otherwise run; `train/step_ratio` = MT / this); and mt-train's
 supervised baseline (mt.enabled=false, as mt-train runs it). Synthetic uint8 batches on the device
-isolate compute from data loading (`mt-bench pipeline` measures that).
+isolate compute from data loading (`mt-bench pipeline` measures that). `--max-batch` also measures
+at the largest batch that fits the device; `--compile` and `--cuda-graph` set the model's
+`compile` and `cuda_graph` fields; `--end-to-end` compares the whole loop with the bare step
+(mt_scale.bench.end_to_end).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
 
 # The figure of each way the step runs, in the order they alternate.
 KINDS = ("supervised", "mean_teacher", "supervised_baseline")
+MAX_BATCH_CAP = 4096  # the search for the largest batch stops doubling here
 
 
 @dataclass
@@ -47,6 +53,21 @@ class TrainOptions(DeviceOptions):
     steps: int = option(6, "timed steps of each kind per repeat", type=positive)
     precision: str = option("auto", "auto: fp32 on CPU, bf16 + channels-last on a GPU",
                             choices=("auto", "fp32", "bf16"))  # fmt: skip
+    max_batch: bool = option(False, "also time the steps at the largest batch that fits the device",
+                             action="store_true")  # fmt: skip
+    compile: bool = option(False, "torch.compile the models (model.compile=true)", action="store_true")
+    cuda_graph: bool = option(False, "capture the step as a CUDA graph (model.cuda_graph=true)",
+                              action="store_true")  # fmt: skip
+    end_to_end: bool = option(False, "also time the real training loop against the bare step on the same batches",
+                              in_all=True, action=argparse.BooleanOptionalAction)  # fmt: skip
+    e2e_preset: str = option("digits-demo", "--end-to-end: the preset the loop trains")
+    e2e_model: str | None = option(None, "--end-to-end: timm model instead of the preset's (e.g. resnet18)",
+                                   shown="the preset's")  # fmt: skip
+    e2e_shards: Path | None = option(None, "--end-to-end: a packed shard set to train on", type=Path,
+                                     shown="the digits, packed as `mt-shard pack digits` does")  # fmt: skip
+    e2e_epochs: int = option(2, "--end-to-end: epochs the loop trains", type=positive)
+    e2e_backend: str | None = option(None, "--end-to-end: data.backend", choices=("torch", "dali"),
+                                     shown="dali on a GPU, the preset's on CPU")  # fmt: skip
 
 
 def bench_accelerator(device: Device) -> Accelerator:
@@ -63,19 +84,26 @@ def bench_accelerator(device: Device) -> Accelerator:
     )
 
 
-def preset_config(model_name: str, device: Device, batch_size: int, labeled: int) -> Config:
-    """The ImageNet preset's Mean Teacher recipe with the benchmark's model, batch and device."""
+def model_overrides(device: Device, compile: bool = False, cuda_graph: bool = False) -> list[str]:
+    """The `--set` overrides of the model fields the bench's flags choose (memory format, compile, graph)."""
+    from mt_scale.config import ModelConfig
+
+    overrides = [f"model.channels_last={str(device.channels_last).lower()}", f"model.compile={str(compile).lower()}"]
+    if cuda_graph:
+        if not any(spec.name == "cuda_graph" for spec in dataclasses.fields(ModelConfig)):
+            raise MtScaleError("--cuda-graph: this mt-scale has no model.cuda_graph setting; leave the flag out")
+        overrides.append("model.cuda_graph=true")
+    return overrides
+
+
+def preset_config(model_name: str, device: Device, batch_size: int, labeled: int, overrides: list[str]) -> Config:
+    """The ImageNet preset's Mean Teacher recipe with the benchmark's model, batch, device and flags."""
     from mt_scale.config import load_config
 
     return load_config(
         preset="imagenet-10pct-resnet152",
-        overrides=[
-            f"model.name={model_name}",
-            f"model.channels_last={str(device.channels_last).lower()}",
-            "model.compile=false",
-            f"data.batch_size={batch_size}",
-            f"data.labeled_per_batch={labeled}",
-        ],
+        overrides=[f"model.name={model_name}", *overrides, f"data.batch_size={batch_size}",
+                   f"data.labeled_per_batch={labeled}", "run.batch_scope=per_device"],  # fmt: skip
     )
 
 
@@ -118,41 +146,112 @@ class StepBench:
         self.step_count = self.steps[kind](self.batch, self.step_count).step
 
 
-def run(options: TrainOptions, work_dir: Path) -> list[dict]:
-    """Images/s of each kind and `train/step_ratio` (MT / supervised time), the kinds alternating."""
-    target = resolve_device(options.device, options.precision)
-    on_gpu = target.name == "cuda"
-    model_name = options.model or ("resnet152" if on_gpu else "resnet18")
-    image_size = options.image_size or (224 if on_gpu else 64)
-    batch_size, steps = options.batch_size, options.steps
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is running out of memory: as torch raises it, or as mt_scale.step words it."""
+    from mt_scale.step import memory_error
+
+    if isinstance(exc, MtScaleError):
+        return str(exc).startswith("out of memory")
+    return isinstance(exc, RuntimeError) and memory_error(exc, 0) is not exc
+
+
+def largest_batch(fits: Callable[[int], bool], start: int, cap: int = MAX_BATCH_CAP) -> tuple[int, str]:
+    """The largest batch for which `fits` is true: double from `start` until it fails (or passes `cap`),
+    then bisect between the last fit and the first failure to within 1/8 (multiples of 8)."""
+    if not fits(start):
+        raise MtScaleError(f"--max-batch: {start} rows do not fit in this device's memory; lower --batch-size")
+    good, size = start, start * 2
+    while size <= cap and fits(size):
+        good, size = size, size * 2
+    if size > cap:
+        return good, f"stopped at the cap of {cap} rows"
+    failed = size
+    while failed - good > max(8, good // 8):
+        middle = (good + failed) // 2 // 8 * 8
+        if middle <= good:
+            break
+        if fits(middle):
+            good = middle
+        else:
+            failed = middle
+    return good, f"{failed} rows ran out of memory"
+
+
+def _fits(model_name: str, device: Device, image_size: int, overrides: list[str], batch: int) -> bool:
+    """Whether two Mean Teacher steps at `batch` rows (a quarter labeled) run without running out of memory."""
+    import gc
+
+    import torch
+
+    try:
+        cfg = preset_config(model_name, device, batch, max(1, batch // 4), overrides)
+        bench = StepBench(cfg, device, image_size)
+        bench.run("mean_teacher")
+        bench.run("mean_teacher")
+        device.sync()
+        return True
+    except Exception as exc:  # noqa: BLE001 - only running out of memory is an answer; the rest is raised
+        if not is_out_of_memory(exc):
+            raise
+        return False
+    finally:
+        gc.collect()
+        if device.name == "cuda":
+            torch.cuda.empty_cache()
+
+
+def time_steps(options: TrainOptions, target: Device, model_name: str, image_size: int, batch_size: int,
+               overrides: list[str], suffix: str = "") -> list[dict]:  # fmt: skip
+    """Images/s of each kind at `batch_size` rows and `train/step_ratio{suffix}`, the kinds alternating."""
     labeled = options.labeled_per_batch or max(1, batch_size // 4)
     if not 1 <= labeled <= batch_size:
         raise MtScaleError(f"--labeled-per-batch {labeled}: must be in 1..--batch-size ({batch_size})")
-    bench = StepBench(preset_config(model_name, target, batch_size, labeled), target, image_size)
+    bench = StepBench(preset_config(model_name, target, batch_size, labeled, overrides), target, image_size)
+    steps = options.steps
     calls = [functools.partial(bench.run, kind) for kind in KINDS]
-    alternate(calls, 3 if on_gpu else 1, target.sync)  # first steps allocate memory and pick kernels
+    alternate(calls, 3 if target.name == "cuda" else 1, target.sync)  # first steps allocate and pick kernels
     rates: dict[str, list[float]] = {kind: [] for kind in KINDS}
     ratios = []
-    for _ in tqdm(range(options.repeats), desc="train", unit="repeat"):
+    for _ in tqdm(range(options.repeats), desc=f"train{suffix}", unit="repeat"):
         seconds = dict(zip(KINDS, alternate(calls, steps, target.sync), strict=True))
         for kind in KINDS:
             rates[kind].append(bench.steps[kind].student_rows * steps / seconds[kind])
         ratios.append(seconds["mean_teacher"] / seconds["supervised"])
     detail = {
-        "model": model_name,
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "labeled_per_batch": labeled,
-        "steps": steps,
-        "device": target.name,
-        "precision": target.precision,
-        "channels_last": target.channels_last,
-        "two_heads": bench.cfg.model.two_heads,
-        "consistency": bench.cfg.mt.consistency,
+        "model": model_name, "image_size": image_size, "batch_size": batch_size, "labeled_per_batch": labeled,
+        "steps": steps, "device": target.name, "precision": target.precision,
+        "channels_last": target.channels_last, "compile": options.compile, "cuda_graph": options.cuda_graph,
+        "two_heads": bench.cfg.model.two_heads, "consistency": bench.cfg.mt.consistency,
         "step": "mt_scale.step.MeanTeacherStep",
-    }
+    }  # fmt: skip
     modes = {"supervised": "use_teacher=False", "mean_teacher": "mt.enabled=true",
              "supervised_baseline": "mt.enabled=false (mt-train's baseline: labeled rows only)"}  # fmt: skip
-    figures = [figure(f"train/{kind}", "img/s", rates[kind], **detail, mode=modes[kind],
+    figures = [figure(f"train/{kind}{suffix}", "img/s", rates[kind], **detail, mode=modes[kind],
                       student_rows=bench.steps[kind].student_rows) for kind in KINDS]  # fmt: skip
-    return [*figures, figure("train/step_ratio", "x", ratios, **detail)]
+    return [*figures, figure(f"train/step_ratio{suffix}", "x", ratios, **detail)]
+
+
+def run(options: TrainOptions, work_dir: Path) -> list[dict]:
+    """The step figures at --batch-size (and at the largest batch with --max-batch); --end-to-end's too."""
+    target = resolve_device(options.device, options.precision)
+    on_gpu = target.name == "cuda"
+    if options.max_batch and not on_gpu:
+        raise MtScaleError("--max-batch searches a GPU's memory; use it with --device cuda")
+    model_name = options.model or ("resnet152" if on_gpu else "resnet18")
+    image_size = options.image_size or (224 if on_gpu else 64)
+    overrides = model_overrides(target, options.compile, options.cuda_graph)
+    figures = time_steps(options, target, model_name, image_size, options.batch_size, overrides)
+    if options.max_batch:
+        fits = functools.partial(_fits, model_name, target, image_size, overrides)
+        largest, why = largest_batch(fits, options.batch_size)
+        figures.append(figure("train/max_batch", "rows", [largest], model=model_name, image_size=image_size,
+                              device=target.name, precision=target.precision, search=why))  # fmt: skip
+        if largest != options.batch_size:
+            figures += time_steps(options, target, model_name, image_size, largest, overrides, "/max_batch")
+    if options.end_to_end:
+        from mt_scale.bench.end_to_end import EndToEnd, time_end_to_end
+
+        setup = EndToEnd(options.e2e_preset, options.e2e_model, options.e2e_shards, options.e2e_epochs,
+                         options.e2e_backend, overrides)  # fmt: skip
+        figures += time_end_to_end(setup, target, options.repeats, work_dir)
+    return figures

@@ -11,11 +11,14 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from mt_scale.bench.common import figure
 from mt_scale.bench.pipeline import derived_figures
 from mt_scale.bench.runner import TARGETS, check_targets, format_table
+from mt_scale.bench.train import is_out_of_memory, largest_batch
 from mt_scale.cli import bench_main
+from mt_scale.errors import MtScaleError
 from pipelines import resolve_backend
 
 PIPELINE_FIGURES = {"pipeline/dali", "pipeline/torch", "pipeline/reference", "pipeline/decode_ceiling"}
@@ -79,15 +82,48 @@ def test_targets_and_derived_pipeline_ratios() -> None:
         figure("pipeline/reference", "img/s", [100.0, 200.0]),
         figure("pipeline/decode_ceiling", "img/s", [1200.0, 1100.0]),
     ]
+    results = [{**r, "detail": {"device": "cpu"}} for r in results]
     derived = by_name({"results": derived_figures(results)})
     # The best backend (torch) divided repeat by repeat, since the contenders ran interleaved.
     assert derived["pipeline/best_vs_reference"]["values"] == [6.0, 3.3]
     assert derived["pipeline/best_vs_ceiling"]["values"] == [0.5, 0.6]
-    assert derived["pipeline/best_vs_reference"]["detail"] == {"best": "pipeline/torch"}
+    assert derived["pipeline/best_vs_reference"]["detail"] == {"best": "pipeline/torch", "device": "cpu"}
     checks = {c["figure"]: c["holds"] for c in check_targets(results + list(derived.values()))}
     assert checks == {"pipeline/best_vs_reference": True, "pipeline/best_vs_ceiling": True}
-    slow = [figure("train/step_ratio", "x", [1.6]), figure("ema/speedup", "x", [1.1])]
+    slow = [figure("train/step_ratio", "x", [1.6], device="cpu"), figure("ema/speedup", "x", [1.1], device="cpu")]
     assert [c["holds"] for c in check_targets(slow)] == [False, False]
+
+
+def test_targets_are_judged_on_the_device_they_name() -> None:
+    on_gpu = [figure("ema/speedup", "x", [4.0], device="cuda"), figure("train/e2e_vs_step", "x", [0.97], device="cuda"),
+              figure("train/step_ratio", "x", [3.0], device="cuda")]  # fmt: skip
+    checks = [(c["figure"], c["threshold"], c["holds"]) for c in check_targets(on_gpu)]
+    # The GPU's EMA goal (10x) applies, not the CPU's (1.25x); the CPU-only step ratio goal is not judged.
+    assert checks == [("train/e2e_vs_step", ">= 0.95", True), ("ema/speedup", ">= 10.0", False)]
+    unknown_device = [figure("ema/speedup", "x", [4.0])]
+    assert check_targets(unknown_device) == []
+
+
+def test_largest_batch_doubles_until_out_of_memory_then_bisects() -> None:
+    tried: list[int] = []
+
+    def fits(batch: int) -> bool:
+        tried.append(batch)
+        return batch <= 300
+
+    assert largest_batch(fits, 40, 2048) == (296, "320 rows ran out of memory")
+    assert tried[:4] == [40, 80, 160, 320] and all(size % 8 == 0 for size in tried)
+    assert largest_batch(lambda batch: True, 40, 200) == (160, "stopped at the cap of 200 rows")
+    with pytest.raises(MtScaleError, match="40 rows do not fit"):
+        largest_batch(lambda batch: False, 40, 2048)
+
+
+def test_out_of_memory_is_recognised_as_torch_and_the_step_word_it() -> None:
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"))
+    assert is_out_of_memory(MtScaleError("out of memory with data.batch_size=640 per device: lower it"))
+    assert not is_out_of_memory(RuntimeError("shapes do not match"))
+    assert not is_out_of_memory(MtScaleError("run.shards is empty"))
 
 
 def test_pack_counts_every_generated_image(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -149,8 +185,64 @@ def test_train_ratio_follows_from_the_two_rates(tmp_path: Path, capsys: pytest.C
     assert (detail["labeled_per_batch"], detail["device"], detail["precision"]) == (2, "cpu", "fp32")
 
 
+def test_end_to_end_ratio_follows_from_the_loop_and_the_step(
+    photo_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    report = run_bench(
+        tmp_path, capsys, "train", "--model", "mt_digits_cnn", "--image-size", "32", "--batch-size", "8",
+        "--steps", "1", "--repeats", "2", "--device", "cpu", "--end-to-end", "--e2e-shards", str(photo_shards),
+        "--e2e-model", "mt_digits_cnn",
+    )  # fmt: skip
+    results = by_name(report)
+    loop, step = results["train/e2e_loop"]["values"], results["train/e2e_step"]["values"]
+    assert results["train/e2e_vs_step"]["values"] == pytest.approx([lo / st for lo, st in zip(loop, step, strict=True)])
+    detail = results["train/e2e_vs_step"]["detail"]
+    # digits-demo's rows: 16 labeled + 48 unlabeled; the photo set's 48 unlabeled images make one step an
+    # epoch, and the loop trains the default 2 epochs; the bare step runs those same 2 steps.
+    assert (detail["preset"], detail["model"], detail["steps"], detail["epochs"]) == ("digits-demo", "mt_digits_cnn", 2, 2)
+    assert (detail["batch_size"], detail["backend"], detail["device"]) == (64, "torch", "cpu")
+    assert [c["figure"] for c in report["targets"] if c["figure"].startswith("train/e2e")] == ["train/e2e_vs_step"]
+    assert not (tmp_path / "work" / "e2e-run").exists()  # the loop's run folder is removed
+
+
+def test_end_to_end_config_trains_without_evaluations_or_checkpoints_between_epochs(tmp_path: Path) -> None:
+    from mt_scale.bench.common import Device
+    from mt_scale.bench.end_to_end import EndToEnd, loop_config
+
+    setup = EndToEnd(model="resnet18", epochs=3, model_overrides=["model.channels_last=false"])
+    cfg = loop_config(setup, Device("cpu", "fp32", False), tmp_path / "shards", tmp_path / "run")
+    assert (cfg.run.epochs, cfg.run.eval_every_epochs, cfg.run.checkpoint_every_epochs) == (3, 0, 0)
+    assert (cfg.model.name, cfg.data.backend, cfg.run.mixed_precision) == ("resnet18", "torch", "no")
+    assert (cfg.run.shards, cfg.run.log_every_steps) == (str(tmp_path / "shards"), 25)  # the preset's cadence
+    on_gpu = loop_config(EndToEnd(), Device("cuda", "bf16", True), tmp_path / "shards", tmp_path / "run")
+    assert (on_gpu.data.backend, on_gpu.run.mixed_precision) == ("dali", "bf16")
+
+
+def test_max_batch_and_cuda_graph_flags_say_what_they_need(capsys: pytest.CaptureFixture) -> None:
+    from mt_scale.bench.common import Device
+    from mt_scale.bench.train import model_overrides
+    from mt_scale.config import ModelConfig
+
+    assert bench_main(["train", "--device", "cpu", "--max-batch", "--repeats", "1", "--steps", "1",
+                       "--model", "mt_digits_cnn", "--image-size", "32", "--batch-size", "8"]) == 2  # fmt: skip
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["mt-bench: error: --max-batch searches a GPU's memory; use it with --device cuda"]
+    cpu = Device("cpu", "fp32", False)
+    assert model_overrides(cpu, compile=True) == ["model.channels_last=false", "model.compile=true"]
+    if hasattr(ModelConfig(), "cuda_graph"):
+        assert model_overrides(cpu, cuda_graph=True)[-1] == "model.cuda_graph=true"
+    else:
+        with pytest.raises(MtScaleError, match="no model.cuda_graph setting"):
+            model_overrides(cpu, cuda_graph=True)
+
+
 def test_ema_speedup_follows_from_the_two_times(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    report = run_bench(tmp_path, capsys, "ema", "--model", "resnet18", "--updates", "2", "--repeats", "2")
+    markdown = tmp_path / "out" / "bench.md"
+    report = run_bench(tmp_path, capsys, "ema", "--model", "resnet18", "--updates", "2", "--repeats", "2",
+                       "--markdown", str(markdown))  # fmt: skip
+    table = markdown.read_text()
+    assert table.startswith("| figure | unit |") and "| `ema/speedup` | x |" in table
+    assert "target ema/speedup >= 1.25: median" in table
     results = by_name(report)
     fused, loop = results["ema/fused_ms"]["values"], results["ema/loop_ms"]["values"]
     assert results["ema/speedup"]["values"] == pytest.approx(
@@ -160,7 +252,9 @@ def test_ema_speedup_follows_from_the_two_times(tmp_path: Path, capsys: pytest.C
     assert results["ema/speedup"]["detail"]["parameters"] == RESNET18_PARAMETERS
 
 
-def test_all_runs_every_stage(photo_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_all_runs_every_stage(
+    photo_tree: Path, photo_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     tiny = {
         "pipeline-batch-size": 8,
         "pipeline-labeled-per-batch": 2,
@@ -171,6 +265,8 @@ def test_all_runs_every_stage(photo_tree: Path, tmp_path: Path, capsys: pytest.C
         "train-steps": 1,
         "ema-model": "resnet18",
         "ema-updates": 1,
+        "train-e2e-shards": photo_shards,
+        "train-e2e-epochs": 1,
     }
     report = run_bench(
         tmp_path, capsys, "all", "--images", str(photo_tree), "--workers", "1", "--repeats", "1",
@@ -180,8 +276,9 @@ def test_all_runs_every_stage(photo_tree: Path, tmp_path: Path, capsys: pytest.C
     assert PACK_FIGURES <= names
     assert {"pipeline/torch", "pipeline/reference", "pipeline/decode_ceiling"} <= names
     assert {"train/step_ratio", "ema/speedup", "pipeline/best_vs_reference"} <= names
-    measured_by_all = {name for name, *_ in TARGETS if not name.startswith("loader/")}  # loader/: --source s3
-    assert {check["figure"] for check in report["targets"]} == measured_by_all
+    assert {"train/e2e_loop", "train/e2e_step", "train/e2e_vs_step"} <= names  # on by default in `all`
+    measured_by_all = {t.figure for t in TARGETS if t.device != "cuda" and not t.figure.startswith("loader/")}
+    assert {check["figure"] for check in report["targets"]} == measured_by_all  # loader/: --source s3
     assert report["settings"]["command"] == "all"
 
 

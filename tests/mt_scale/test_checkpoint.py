@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -348,34 +347,24 @@ def test_full_disk_while_checkpointing_leaves_nothing(
 # ---------------------------------------------------------------- signals sent to a real mt-train
 
 
-def start_mt_train(shards: Path, run: Path, *extra: str) -> subprocess.Popen:
-    """mt-train in its own session (as a terminal or a scheduler runs it), with one loader worker."""
-    exe = Path(sys.executable).parent / "mt-train"
+def start_mt_train(gate, shards: Path, run: Path, *extra: str) -> subprocess.Popen:
+    """mt-train behind the step gate, in its own session (as a terminal or a scheduler runs it), with one
+    loader worker."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    args = [str(exe), *argv(shards, run, *extra), "--set", "data.workers=1"]
+    args = [*gate.command("mt_scale.cli:train_main"), *argv(shards, run, *extra), "--set", "data.workers=1"]
     return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
 
 
-def wait_for_first_step(proc: subprocess.Popen, run: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    metrics = run / "metrics.csv"
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if metrics.is_file() and any(row["kind"] == "train" for row in read_metrics(metrics)):
-            return
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail("mt-train logged no step in time")
-
-
 @pytest.mark.slow
-def test_ctrl_c_is_one_line_and_status_130(digits_shards: Path, tmp_path: Path) -> None:
+def test_ctrl_c_is_one_line_and_status_130(digits_shards: Path, tmp_path: Path, step_gate) -> None:
     run = tmp_path / "run"
-    proc = start_mt_train(digits_shards, run, "--set", "run.epochs=4", "--set", "optim.lr_rampdown_epochs=4")
-    wait_for_first_step(proc, run)
+    proc = start_mt_train(step_gate, digits_shards, run, "--set", "run.epochs=4", "--set",
+                          "optim.lr_rampdown_epochs=4")
+    step_gate.wait(proc)  # step 1 done
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group, loader worker included
+    step_gate.release()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert err.count("\n") == 1 and err.startswith("mt-train: interrupted"), err
@@ -383,34 +372,27 @@ def test_ctrl_c_is_one_line_and_status_130(digits_shards: Path, tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_resume_continues_exactly(digits_shards: Path, tmp_path: Path) -> None:
-    extra = ("--set", "run.epochs=2", "--set", "optim.lr_rampdown_epochs=2", "--set", "data.workers=1")
-    overrides = [item for item in extra if item != "--set"]
-    proc = start_mt_train(digits_shards, tmp_path / "split", *extra)
-    wait_for_first_step(proc, tmp_path / "split")
+def test_sigterm_checkpoints_and_resume_continues_exactly(reference_run, torch_thread, digits_shards: Path,
+                                                         tmp_path: Path, step_gate) -> None:
+    """mt-train with a loader worker, SIGTERMed between steps 1 and 2, then resumed: the reference run."""
+    extra = [item for setting in reference_run.overrides for item in ("--set", setting)]
+    proc = start_mt_train(step_gate, digits_shards, tmp_path / "split", *extra)  # data.workers=1
+    step_gate.wait(proc)  # step 1 done, step 2 not started
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM or accelerate launch signal: the worker is hit too
+    step_gate.release()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err
-    assert err.count("\n") == 1 and err.startswith("mt-train: stopped by SIGTERM after step "), err
-    stopped_at = int(err.split("after step ")[1].split(";")[0])
-    assert 1 <= stopped_at < 50
-    assert [p.name for p in checkpoint_dirs(tmp_path / "split")] == [f"step-{stopped_at:08d}"]
+    # the signal came between steps 1 and 2: the run stops at the next step boundary, after step 2
+    assert err.count("\n") == 1 and err.startswith("mt-train: stopped by SIGTERM after step 2;"), err
+    assert [p.name for p in checkpoint_dirs(tmp_path / "split")] == ["step-00000002"]
 
-    def config(out: Path):
-        return load_config("digits-demo", overrides=[f"run.shards={digits_shards}", f"run.output_dir={out}",
-                                                     *SETTINGS, *overrides])  # fmt: skip
-
-    # the same arithmetic as the stopped mt-train (OMP_NUM_THREADS=1): a float reduction split over another
-    # number of threads rounds differently, and 48 steps at lr 0.2 magnify that far past the tolerance
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        resumed = train(config(tmp_path / "split"), resume="", progress=False)
-        straight = train(config(tmp_path / "straight"), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    # the stopped mt-train ran on one thread too (OMP_NUM_THREADS=1)
+    with torch_thread():
+        resumed = train(reference_run.config(digits_shards, tmp_path / "split", "data.workers=1"), resume="",
+                        progress=False)
+    straight = reference_run.result
     assert resumed.report["steps"] == straight.report["steps"] == 50
-    a = load_file(str(checkpoint_dirs(tmp_path / "straight")[-1] / STUDENT_NAME))
+    a = load_file(str(checkpoint_dirs(straight.run_dir)[-1] / STUDENT_NAME))
     b = load_file(str(checkpoint_dirs(tmp_path / "split")[-1] / STUDENT_NAME))
     assert a.keys() == b.keys()
     for key in a:
@@ -419,7 +401,7 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(digits_shards: Path, t
     for key in teacher_a:
         torch.testing.assert_close(teacher_a[key], teacher_b[key], rtol=1e-5, atol=1e-6)
     split_rows = [r for r in read_metrics(tmp_path / "split" / "metrics.csv") if r["kind"] == "train"]
-    straight_rows = [r for r in read_metrics(tmp_path / "straight" / "metrics.csv") if r["kind"] == "train"]
+    straight_rows = [r for r in read_metrics(straight.run_dir / "metrics.csv") if r["kind"] == "train"]
     assert (
         [r["step"] for r in split_rows]
         == [r["step"] for r in straight_rows]
@@ -428,8 +410,8 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(digits_shards: Path, t
     assert [r["loss"] for r in split_rows] == pytest.approx([r["loss"] for r in straight_rows], rel=1e-4)
 
 
-def launch_two(shards: Path, run: Path, *extra: str) -> subprocess.Popen:
-    """`accelerate launch` of mt-train on two CPU processes (gloo), each one its own rank."""
+def launch_two(shards: Path, run: Path, *extra: str, gate=None) -> subprocess.Popen:
+    """`accelerate launch` of mt-train on two CPU processes (gloo), each one its own rank (behind `gate`)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -437,51 +419,38 @@ def launch_two(shards: Path, run: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     args = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-            "-m", "mt_scale.train", *argv(shards, run, *extra)]  # fmt: skip
+            *(gate.command("-m")[1:] if gate else ["-m"]), "mt_scale.train", *argv(shards, run, *extra)]  # fmt: skip
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
-    """{rank: pid} of the launcher's training processes, from their environment."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == launcher.pid:
-            found.update({int(item[5:]): int(pid) for item in environ if item.startswith(b"RANK=")})
-    return found
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc")
-def test_sigterm_on_one_rank_stops_every_rank_at_one_step(digits_shards: Path, tmp_path: Path) -> None:
-    extra = ("--set", "run.epochs=2", "--set", "optim.lr_rampdown_epochs=2")
-    launcher = launch_two(digits_shards, tmp_path / "split", *extra)
-    deadline = time.monotonic() + 300
-    while len(ranks := rank_pids(launcher)) < 2 or not (tmp_path / "split" / "metrics.csv").is_file():
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-        time.sleep(0.05)
-    wait_for_first_step(launcher, tmp_path / "split")
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step(two_rank_run, digits_shards: Path, tmp_path: Path,
+                                                          step_gate) -> None:
+    """Two ranks, SIGTERM to rank 1 between steps 1 and 2, then resumed: the session's two-rank run.
+
+    The ranks exchange the stop flag at log steps (every 3 here), so both stop after step 3."""
+    every_three = ("--set", "run.log_every_steps=3")
+    assert two_rank_run.overrides == (*SETTINGS[:-1], "run.log_every_steps=3")  # the same run, uninterrupted
+    launcher = launch_two(digits_shards, tmp_path / "split", *every_three, gate=step_gate)
+    ranks = step_gate.wait(launcher, count=2)  # both ranks: step 1 done, step 2 not started
     os.kill(ranks[1], signal.SIGTERM)  # rank 1 alone: rank 0 learns it through the all-reduced flag
+    step_gate.release()
     launcher.communicate(timeout=300)
     [checkpoint] = checkpoint_dirs(tmp_path / "split")
     stopped_at = json.loads((checkpoint / TRAIN_STATE_NAME).read_text())["state"]["step"]
-    assert checkpoint.name == f"step-{stopped_at:08d}" and 1 <= stopped_at < 24
+    assert checkpoint.name == "step-00000003" and stopped_at == 3
     assert {data_state_name(0), data_state_name(1), rng_state_name(1)} <= {p.name for p in checkpoint.iterdir()}
 
-    resumed = launch_two(digits_shards, tmp_path / "split", *extra, "--resume")
-    straight = launch_two(digits_shards, tmp_path / "straight", *extra)
-    for proc in (resumed, straight):
-        out, err = proc.communicate(timeout=400)
-        assert proc.returncode == 0, err[-3000:]
-    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("split", "straight")]
-    assert reports[0]["steps"] == reports[1]["steps"] == 24  # 2 epochs of floor(604 / 48) = 12 steps per rank
+    resumed = launch_two(digits_shards, tmp_path / "split", *every_three, "--resume")
+    out, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err[-3000:]
+    straight = two_rank_run.out / "run"
+    reports = [json.loads((run / "report.json").read_text()) for run in (tmp_path / "split", straight)]
+    assert reports[0]["steps"] == reports[1]["steps"] == 12  # floor(604 / 48) = 12 steps per rank
     assert reports[0]["final"] == reports[1]["final"]
     a = load_file(str(checkpoint_dirs(tmp_path / "split")[-1] / STUDENT_NAME))
-    b = load_file(str(checkpoint_dirs(tmp_path / "straight")[-1] / STUDENT_NAME))
+    b = load_file(str(checkpoint_dirs(straight)[-1] / STUDENT_NAME))
+    assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
@@ -492,8 +461,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_step(digits_shards: Path, t
 def test_sigterm_sets_the_flag_instead_of_killing() -> None:
     stop = StopRequest().install()
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)  # let the interpreter run the handler
+        signal.raise_signal(signal.SIGTERM)  # the handler has run when this returns
         assert stop.requested and stop.signal_name == "SIGTERM"
     finally:
         stop.restore()

@@ -4,6 +4,7 @@ import dataclasses
 import re
 
 import pytest
+import torch
 
 from mt_scale.config import (
     PRESET_DIR,
@@ -13,9 +14,8 @@ from mt_scale.config import (
     config_to_dict,
     config_to_yaml,
     load_config,
-    plan_devices,
-    resolve_for_devices,
 )
+from mt_scale.device_plan import plan_devices, resolve_for_devices
 from mt_scale.errors import MtScaleError
 
 
@@ -31,7 +31,7 @@ def test_imagenet_preset_has_the_reference_values():
     # the paper's global batch: 10 GPUs x (40 images, 20 labeled), peak LR 10 x 0.025
     assert (cfg.data.batch_size, cfg.data.labeled_per_batch, cfg.run.batch_scope) == (400, 200, "global")
     assert (cfg.optim.lr, cfg.optim.initial_lr, cfg.optim.lr_rampup_epochs) == (0.25, 0.1, 2)
-    assert cfg.run.max_device_batch == 40
+    assert cfg.run.max_device_batch == "auto"  # the device's memory decides; 40 is the reference's
     assert (cfg.optim.lr_rampdown_epochs, cfg.optim.weight_decay, cfg.optim.nesterov) == (75, 5e-5, True)
     assert (cfg.mt.ema_decay, cfg.mt.consistency, cfg.mt.consistency_weight) == (0.9997, "kl", 10.0)
     assert (cfg.mt.consistency_rampup_epochs, cfg.mt.logit_distance_cost, cfg.run.epochs) == (5, 0.01, 60)
@@ -45,7 +45,7 @@ def test_cifar_preset_has_the_reference_values():
     assert (cfg.data.batch_size, cfg.data.labeled_per_batch, cfg.run.batch_scope) == (512, 124, "global")
     assert (cfg.optim.lr, cfg.optim.lr_rampup_epochs, cfg.optim.lr_rampdown_epochs) == (0.2, 0, 350)
     assert (cfg.optim.weight_decay, cfg.mt.ema_decay, cfg.mt.consistency) == (2e-4, 0.99, "mse")
-    assert (cfg.mt.consistency_weight, cfg.run.epochs, cfg.run.max_device_batch) == (100.0, 300, 128)
+    assert (cfg.mt.consistency_weight, cfg.run.epochs, cfg.run.max_device_batch) == (100.0, 300, "128")
     assert cfg.data.mean == (0.4914, 0.4822, 0.4465)
 
 
@@ -142,17 +142,53 @@ def test_config_file_starts_from_its_preset_and_overrides_win(tmp_path):
     (16, 1, 25, [13] * 8 + [12] * 8),
 ])
 def test_imagenet_preset_keeps_the_global_batch_and_lr_on_any_device_count(devices, accum, device_batch, labeled):
-    cfg = load_config("imagenet-10pct-resnet152")
+    cfg = load_config("imagenet-10pct-resnet152", overrides=["run.max_device_batch=40"])  # the reference's cap
     plan = plan_devices(cfg, devices)
     assert (plan.grad_accum_steps, plan.device_batch, list(plan.labeled_per_rank)) == (accum, device_batch, labeled)
     assert plan.device_batch * devices * accum == plan.global_batch == 400
     assert sum(plan.labeled_per_rank) * accum == plan.global_labeled == 200
     assert plan.lr == 0.25
+    assert plan.batchnorm_rows == device_batch and plan.device_limit == 40
     for rank in range(devices):
         resolved = resolve_for_devices(cfg, devices, rank)
         assert (resolved.data.batch_size, resolved.data.labeled_per_batch) == (device_batch, labeled[rank])
         assert (resolved.run.grad_accum_steps, resolved.optim.lr, resolved.optim.initial_lr) == (accum, 0.25, 0.1)
     assert cfg.data.batch_size == 400  # the input is not modified
+
+
+@pytest.mark.parametrize(("devices", "measured", "layout"), [
+    (8, 60, (1, 50)),  # 8 devices that hold 60 rows each: the paper's 400 as 50 x 1
+    (1, 200, (2, 200)),
+    (1, 150, (4, 100)),  # the largest device batch within the limit that splits the step evenly
+    (8, None, (1, 50)),  # no limit measured (a CPU): the fewest micro-batches
+    (1, None, (1, 400)),
+])
+def test_auto_sizes_micro_batches_by_what_the_device_holds(devices, measured, layout):
+    cfg = load_config("imagenet-10pct-resnet152")
+    plan = plan_devices(cfg, devices, measured)
+    assert (plan.grad_accum_steps, plan.device_batch) == layout
+    assert plan.batchnorm_rows == plan.device_batch and plan.device_limit == measured
+    assert (plan.global_batch, plan.global_labeled, plan.lr) == (400, 200, 0.25)
+    # an explicit row count wins over what was measured
+    pinned = load_config("imagenet-10pct-resnet152", overrides=["run.max_device_batch=40"])
+    assert plan_devices(pinned, devices, measured).device_batch <= 40
+    assert "BatchNorm over" in plan.summary() and f"x {plan.device_batch} " in plan.summary()
+
+
+def test_auto_measures_rows_from_the_step_memory():
+    from mt_scale.memory import MEMORY_FRACTION, StepMemory, device_batch_limit
+
+    cfg = load_config("imagenet-10pct-resnet152")
+    gib = 2**30
+
+    def measure(cfg, device, num_classes):  # what an 80 GiB device with a 2 GiB model and 1 GiB per row gives
+        return StepMemory(fixed=2 * gib, per_row=gib), 80 * gib
+
+    assert device_batch_limit(cfg, torch.device("cuda"), 1000, measure) == int(MEMORY_FRACTION * 80 - 2)
+    assert device_batch_limit(cfg, torch.device("cpu"), 1000, measure) is None  # no device memory to size by
+    for bad in ("-1", "forty", "4.5"):
+        with pytest.raises(MtScaleError, match="run.max_device_batch"):
+            load_config("imagenet-10pct-resnet152", overrides=[f"run.max_device_batch={bad}"])
 
 
 def test_cifar_preset_keeps_the_papers_batch_of_512_with_124_labeled():

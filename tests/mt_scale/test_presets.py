@@ -56,7 +56,8 @@ def test_cifar10_4000_runs_three_optimizer_steps_of_shakeshake26_on_a_cifar_arch
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["steps"] == 3
     assert report["batch"] == {"world_size": 1, "grad_accum_steps": 2, "device_batch": 8, "labeled_per_rank": [2],
-                               "global_batch": 16, "global_labeled": 4, "lr": 0.2}
+                               "global_batch": 16, "global_labeled": 4, "lr": 0.2, "device_limit": 8,
+                               "batchnorm_rows": 8}
     assert report["val_count"] == 10
     assert 0.0 <= report["final"]["teacher_top1_error"] <= 1.0
     assert sum(p.numel() for p in result.teacher.parameters()) > 26_000_000

@@ -11,7 +11,8 @@ from accelerate import tracking
 from mt_scale.cli import train_main
 from mt_scale.config import load_config
 from mt_scale.errors import MtScaleError
-from mt_scale.report import METRIC_FIELDS, TENSORBOARD_DIR, LossWindow, curves_figure, loss_column, trackers
+from mt_scale.loss_window import LossWindow
+from mt_scale.report import METRIC_FIELDS, TENSORBOARD_DIR, curves_figure, loss_column, trackers
 
 
 def test_metric_columns_derive_from_the_loss_and_score_names() -> None:

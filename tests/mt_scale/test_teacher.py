@@ -14,10 +14,10 @@ from torch import nn
 
 from mt_scale.losses import mean_teacher_loss
 from mt_scale.teacher import (
+    average_buffers_over_ranks,
     create_teacher,
     ema_alpha,
     ema_update_loop,
-    sync_teacher_buffers,
     update_teacher,
 )
 
@@ -136,7 +136,7 @@ def test_batchnorm_buffers_follow_the_teachers_own_forward_passes():
     assert torch.allclose(bn.running_mean, 0.1 * hidden.mean(0), atol=1e-6)
     assert torch.allclose(bn.running_var, 0.9 + 0.1 * hidden.var(0, unbiased=True), atol=1e-6)
     assert bn.num_batches_tracked.item() == 1
-    sync_teacher_buffers(teacher)  # single process: a no-op
+    average_buffers_over_ranks(teacher)  # single process: a no-op
     assert torch.allclose(bn.running_mean, 0.1 * hidden.mean(0), atol=1e-6)
 
 
@@ -183,13 +183,15 @@ DDP_WORKER = textwrap.dedent(
     from torch import nn
     sys.path.insert(0, os.environ["TEST_DIR"])
     from test_teacher import TinyNet
-    from mt_scale.teacher import create_teacher, update_teacher
+    from mt_scale.teacher import create_teacher, average_buffers_over_ranks, update_teacher
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)  # same initial student on both ranks
     student = nn.parallel.DistributedDataParallel(TinyNet())
-    teacher, unsynced = create_teacher(student), create_teacher(student)
+    # `teacher` averages its BatchNorm buffers over the ranks after every step, `unsynced` never, and
+    # `at_read` only once at the end, as the loop does (at evaluation, checkpoint and export)
+    teacher, unsynced, at_read = create_teacher(student), create_teacher(student), create_teacher(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
     data = torch.Generator().manual_seed(100 + rank)  # each rank reads different data
     for step in range(1, 7):
@@ -199,14 +201,18 @@ DDP_WORKER = textwrap.dedent(
         with torch.no_grad():
             teacher(teacher_x)
             unsynced(teacher_x)
+            at_read(teacher_x)
         loss = nn.functional.cross_entropy(student(x)[0], labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         update_teacher(teacher, student, 0.9, step)
-        update_teacher(unsynced, student, 0.9, step, sync_buffers=False)
+        average_buffers_over_ranks(teacher)
+        update_teacher(unsynced, student, 0.9, step)
+        update_teacher(at_read, student, 0.9, step)
+    average_buffers_over_ranks(at_read)
     torch.save(
-        {"teacher": teacher.state_dict(), "unsynced": unsynced.state_dict(),
+        {"teacher": teacher.state_dict(), "unsynced": unsynced.state_dict(), "at_read": at_read.state_dict(),
          "student": student.module.state_dict()},
         os.path.join(os.environ["OUT_DIR"], f"rank{rank}.pt"),
     )
@@ -240,6 +246,9 @@ def test_ddp_students_give_the_same_teacher_on_every_rank(tmp_path):
     for key in (bn_key, "body.1.running_var"):
         mean = (ranks[0]["unsynced"][key] + ranks[1]["unsynced"][key]) / 2
         assert torch.allclose(ranks[0]["teacher"][key], mean, atol=1e-5)
+        # averaging once where the statistics are read gives the teacher that averaging every step does
+        assert torch.equal(ranks[0]["at_read"][key], ranks[1]["at_read"][key])
+        assert torch.allclose(ranks[0]["at_read"][key], ranks[0]["teacher"][key], atol=1e-6)
     weight = "head.weight"
     assert torch.equal(ranks[0]["student"][weight], ranks[1]["student"][weight])
     assert not torch.allclose(ranks[0]["teacher"][weight], ranks[0]["student"][weight])

@@ -41,22 +41,21 @@ def short_config(shards: Path, out: Path, *extra: str):
     )
 
 
-@pytest.fixture(scope="module")
-def finished_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("train") / "run"
-    result = train(short_config(digits_shards, out, "run.keep_checkpoints=1"), progress=False)
-    return result
+@pytest.fixture
+def finished_run(reference_run):
+    """The session's finished digits run: 2 epochs, evaluated and checkpointed after each (keep 1)."""
+    return reference_run.result
 
 
 def test_run_writes_every_artefact(finished_run) -> None:
     run_dir = finished_run.run_dir
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["steps"] == report["total_steps"] == 4 * STEPS_PER_EPOCH
+    assert report["steps"] == report["total_steps"] == 2 * STEPS_PER_EPOCH
     assert report["method"] == "mean_teacher" and report["world_size"] == 1
     assert report["val_count"] == 539  # the digits' 30% val split, each sample once
-    assert report["images_seen"] == 4 * STEPS_PER_EPOCH * 64
+    assert report["images_seen"] == 2 * STEPS_PER_EPOCH * 64
     assert report["images_per_sec"] > 0 and report["wall_seconds"] > 0
-    assert report["config"]["run"]["epochs"] == 4 and report["config"]["data"]["workers"] == 0
+    assert report["config"]["run"]["epochs"] == 2 and report["config"]["data"]["workers"] == 0
     for key in ("student_top1_error", "student_top5_error", "teacher_top1_error", "teacher_top5_error"):
         assert 0.0 <= report["final"][key] <= 1.0
         assert report["best"][key] <= report["final"][key] + 1e-6
@@ -66,8 +65,8 @@ def test_run_writes_every_artefact(finished_run) -> None:
     rows = read_metrics(run_dir / "metrics.csv")
     train_rows = [r for r in rows if r["kind"] == "train"]
     eval_rows = [r for r in rows if r["kind"] == "eval"]
-    assert [r["step"] for r in train_rows] == [float(s) for s in range(5, 101, 5)]
-    assert [r["step"] for r in eval_rows] == [50.0, 100.0]  # after epoch 2 and at the end
+    assert [r["step"] for r in train_rows] == [float(s) for s in range(1, 51)]
+    assert [r["step"] for r in eval_rows] == [25.0, 50.0]  # after epoch 1 and at the end
     assert all(math.isfinite(r["loss"]) and r["lr"] >= 0 for r in train_rows)
     assert train_rows[-1]["consistency_weight"] > train_rows[0]["consistency_weight"] > 0  # ramping up
     assert eval_rows[-1]["teacher_top1_error"] == pytest.approx(report["final"]["teacher_top1_error"], abs=1e-5)
@@ -75,9 +74,9 @@ def test_run_writes_every_artefact(finished_run) -> None:
 
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["epochs"] == 4
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["epochs"] == 2
     # --keep 1: only the final checkpoint is left, complete (no temporary folder)
-    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step-00000100"]
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step-00000050"]
     assert not list((run_dir / "checkpoints").glob(".*"))
 
 
@@ -102,19 +101,19 @@ def test_exported_teacher_loads_in_stock_timm(finished_run) -> None:
         torch.testing.assert_close(model(images), teacher(images)[0])
 
 
-def test_resume_matches_uninterrupted(digits_shards: Path, tmp_path: Path) -> None:
-    extra = ("run.epochs=2", "optim.lr_rampdown_epochs=2", "run.eval_every_epochs=0", "run.checkpoint_every_epochs=0")
-    straight = train(short_config(digits_shards, tmp_path / "straight", *extra), progress=False)
-    # killed mid-epoch 0 (step 15 of 25), then continued from its checkpoint
-    split_cfg = short_config(digits_shards, tmp_path / "split", *extra)
-    first = train(split_cfg, progress=False, stop_after_steps=15)
-    assert first.report["stopped_at_step"] == 15
-    assert [p.name for p in checkpoint_dirs(tmp_path / "split")] == ["step-00000015"]
-    resumed = train(short_config(digits_shards, tmp_path / "split", *extra), resume="", progress=False)
+def test_resume_matches_uninterrupted(reference_run, torch_thread, digits_shards: Path, tmp_path: Path) -> None:
+    """Stopped mid-epoch 0 (step 15 of 25), then continued from its checkpoint: the reference run's
+    weights, scores and log."""
+    with torch_thread():
+        first = train(reference_run.config(digits_shards, tmp_path / "split"), progress=False, stop_after_steps=15)
+        assert first.report["stopped_at_step"] == 15
+        assert [p.name for p in checkpoint_dirs(tmp_path / "split")] == ["step-00000015"]
+        resumed = train(reference_run.config(digits_shards, tmp_path / "split"), resume="", progress=False)
 
+    straight = reference_run.result
     assert resumed.report["steps"] == straight.report["steps"] == 50
     for name in ("model.safetensors",):
-        a = load_file(str(checkpoint_dirs(tmp_path / "straight")[-1] / name))
+        a = load_file(str(checkpoint_dirs(straight.run_dir)[-1] / name))
         b = load_file(str(checkpoint_dirs(tmp_path / "split")[-1] / name))
         assert a.keys() == b.keys()
         for key in a:
@@ -126,7 +125,7 @@ def test_resume_matches_uninterrupted(digits_shards: Path, tmp_path: Path) -> No
         assert resumed.report["final"][key] == pytest.approx(straight.report["final"][key], abs=1e-9)
     # the resumed run's log continues the killed one's with no step twice
     steps = [r["step"] for r in read_metrics(tmp_path / "split" / "metrics.csv") if r["kind"] == "train"]
-    assert steps == [r["step"] for r in read_metrics(tmp_path / "straight" / "metrics.csv") if r["kind"] == "train"]
+    assert steps == [r["step"] for r in read_metrics(straight.run_dir / "metrics.csv") if r["kind"] == "train"]
 
 
 def test_supervised_baseline_uses_labeled_rows_only(digits_shards: Path, tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pipelines.reading as reading
 from pipelines import DataConfig, PipelineError, build_loaders
-from pipelines.reading import Split, shuffled
-from shard_tools.format import build_index, encode_label, index_name
+from pipelines.reading import Split, draws, open_set, shuffled
+from shard_tools.format import TRAIN_UNLABELED, build_index, encode_label, index_name
 from shard_tools.manifest import read_manifest
 from shard_tools.pack import pack
 
@@ -48,6 +49,30 @@ def test_shuffle_buffer_yields_a_permutation():
     out = list(shuffled(iter(items), 16, np.random.default_rng(0)))
     assert sorted(out) == sorted(items) and out != items
     assert out == list(shuffled(iter(items), 16, np.random.default_rng(0)))
+
+
+def test_a_reader_has_every_index_before_its_first_sample(digits_shards: Path, monkeypatch):
+    """Indexes are read up front, spans as the stream goes: a store that goes away mid-epoch then fails
+    on a shard span, never on an index."""
+    split = open_set(digits_shards)[1][TRAIN_UNLABELED]
+    reads: list[tuple[str, int]] = []
+    real_index, real_piece = reading.shard_index, reading.read_piece
+
+    def shard_index(split, number):
+        reads.append(("index", number))
+        return real_index(split, number)
+
+    def read_piece(split, number, first, stop, index):
+        reads.append(("span", number))
+        return real_piece(split, number, first, stop, index)
+
+    monkeypatch.setattr(reading, "shard_index", shard_index)
+    monkeypatch.setattr(reading, "read_piece", read_piece)
+    samples = range(100, 900)  # shards 0 to 3 of 256 samples each
+    stream = draws(split, samples, (0,), shuffle_buffer=64, cycle=False)
+    assert reads == [("index", n) for n in range(4)]
+    assert len(list(stream)) == 800
+    assert sorted(reads[4:]) == [("span", n) for n in range(4)]  # then one span per shard, nothing else
 
 
 # Batches per rank for the 558 unlabeled samples with U = 2, worked out by hand from the rule:

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 import shard_tools.pack as pack_module
-from shard_tools.cifar import cifar_records
 from shard_tools.cli import main
 from shard_tools.format import (
     LABELS_NAME,
@@ -29,6 +28,7 @@ from shard_tools.format import (
 )
 from shard_tools.manifest import read_manifest, shard_paths
 from shard_tools.pack import pack
+from shard_tools.sources.cifar import cifar_records
 from shard_tools.verify import verify
 
 # Outer tar order is not wnid order: classes must come out sorted.

@@ -6,11 +6,9 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -192,8 +190,10 @@ def test_resume_after_interrupted_pack(photo_tree: Path, photo_shards: Path, tmp
     assert not (out / MANIFEST_NAME).exists() and (out / STATE_NAME).exists()
     finished = sorted(p.name for p in out.glob("*.tar"))
     assert len(finished) == 2
-    # A half-written file from the kill, and one finished shard damaged afterwards.
+    # A half-written file and a journal line cut short by the kill, and one finished shard damaged afterwards.
     (out / ".val-000000.tar.partial").write_bytes(b"half a tar")
+    with open(out / STATE_NAME, "ab") as journal:
+        journal.write(b'\n{"shard": "val-000000.tar", "plan": "')
     with open(out / finished[1], "ab") as handle:
         handle.write(b"\0")
     kept_stat = (out / finished[0]).stat()
@@ -244,24 +244,47 @@ def test_resume_after_the_input_changed_drops_stale_shards(tmp_path: Path, monke
     assert verify(out) == []
 
 
-def test_resume_after_sigkill(tmp_path: Path):
-    """A real kill -9 of `mt-shard pack` mid-way (workers die with it); the rerun keeps what was done."""
+# `mt-shard pack` with each worker holding after its first shard: it reports the shard on the pipe
+# (fd in argv[1]) once the shard has its final name, then waits to be killed. Every process of the
+# pack holds the pipe's write end, so the pipe reads empty once the pack and all its workers are gone.
+PACK_THEN_HOLD = """
+import os, signal, sys
+import shard_tools.pack
+from shard_tools.cli import main
+
+report = int(sys.argv[1])
+real = shard_tools.pack._pack_shard
+
+def report_then_hold(task):
+    result = real(task)
+    os.write(report, task.name.encode() + b"\\n")
+    signal.pause()
+
+shard_tools.pack._pack_shard = report_then_hold
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_resume_after_sigkill(photo_tree: Path, photo_shards: Path, tmp_path: Path):
+    """A real kill -9 of `mt-shard pack` once each worker has finished a shard (workers die with it):
+    every finished shard on disk is in the resume journal, so the rerun keeps all of them."""
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "shard_tools.cli", "pack", "digits", str(out), "--labels-per-class", "5",
-            "--shard-size", "10", "--workers", "2", "--quiet"]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while len(list(out.glob("*.tar"))) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-c", PACK_THEN_HOLD, str(write_end), "pack", str(photo_tree), str(out),
+            "--label-fraction", "0.25", "--seed", "0", "--shard-size", "16", "--workers", "2", "--quiet"]
+    process = subprocess.Popen(argv, pass_fds=(write_end,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=dict(os.environ, PYTHONPATH=str(Path(pack_module.__file__).parents[1])))
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reports:
+        finished = [reports.readline().strip().decode() for _ in range(2)]  # one shard from each worker
+        assert all(finished), process.communicate()[1]
+        process.kill()
+        assert reports.read() == b""  # end of file: the pack and both its workers are gone
     process.wait()
-    assert not (out / MANIFEST_NAME).exists(), "the pack finished before it could be killed"
-    done_before = {p.name for p in out.glob("*.tar")}
-    time.sleep(0.2)
-    assert {p.name for p in out.glob("*.tar")} == done_before  # no orphan worker kept writing
-    summary = pack("digits", out, labels_per_class=5, shard_size=10, workers=2, progress=False)
-    # 50 labeled, 1208 unlabeled and 539 val images in shards of 10: 5 + 121 + 54 shards.
-    assert summary.shards_kept >= 1 and summary.shards_written + summary.shards_kept == 180
-    fresh = tmp_path / "fresh"
-    pack("digits", fresh, labels_per_class=5, shard_size=10, workers=1, progress=False)
-    assert _set_bytes(out) == _set_bytes(fresh)
+    assert not (out / MANIFEST_NAME).exists()
+    on_disk = sorted(p.name for p in out.glob("*.tar"))
+    assert on_disk == sorted(finished)
+    # 16 labeled, 48 unlabeled and 16 val images in shards of 16: 1 + 3 + 1 shards, 2 of them finished.
+    summary = pack(photo_tree, out, label_fraction=0.25, seed=0, shard_size=16, workers=2, progress=False)
+    assert (summary.shards_kept, summary.shards_written) == (2, 3)
+    assert _set_bytes(out) == _set_bytes(photo_shards)

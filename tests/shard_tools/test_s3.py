@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,19 +28,10 @@ from shard_tools.pack import pack
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def digits_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("s3_digits") / "shards"
-    pack("digits", out, labels_per_class=5, seed=0, workers=1, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def many_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The digits set in 16-image shards: a push of ~230 objects, long enough to be killed midway."""
-    out = tmp_path_factory.mktemp("s3_many") / "shards"
-    pack("digits", out, labels_per_class=5, seed=0, workers=1, progress=False, shard_size=16)
-    return out
+@pytest.fixture
+def digits_set(digits_shards: Path) -> Path:
+    """The session's digits set (9 shards): every test here only reads it."""
+    return digits_shards
 
 
 def _set_names(shard_dir: Path) -> set[str]:
@@ -160,26 +150,49 @@ def test_push_interrupted_by_a_failure_resumes(s3_env: str, digits_set: Path, mo
     assert set(s3.list_names(url)) == files
 
 
-def test_killed_push_resumes_and_skips_what_was_uploaded(s3_env: str, many_shards: Path):
-    url = f"{s3_env}/killed"
-    command = [sys.executable, "-m", "shard_tools.cli", "push", str(many_shards), url, "--workers", "1", "--quiet"]
-    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while len(s3.list_names(url)) < 8 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the push finished before it could be killed"
-    time.sleep(0.5)  # a PUT the server was still storing lands now
-    present = s3.list_names(url)
-    assert MANIFEST_NAME not in present and len(present) >= 8
+# `mt-shard push` that reports each finished upload on the pipe (fd in argv[1]) and holds after the
+# third: the test kills it there, with no upload in flight.
+PUSH_THEN_HOLD = """
+import os, sys, threading
+from shard_tools import s3
+from shard_tools.cli import main
 
-    summary = push_module.push(many_shards, url, workers=4, progress=False)
-    files = _set_names(many_shards)
-    assert summary.skipped == len(present) and summary.uploaded == len(files) - len(present), summary.line()
+report = int(sys.argv[1])
+real_upload, uploads = s3.upload_file, []
+
+def upload_then_report(path, target, **kwargs):
+    real_upload(path, target, **kwargs)
+    uploads.append(target)
+    os.write(report, target.encode() + b"\\n")
+    if len(uploads) == 3:
+        threading.Event().wait()
+
+s3.upload_file = upload_then_report
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_killed_push_resumes_and_skips_what_was_uploaded(s3_env: str, digits_set: Path):
+    url = f"{s3_env}/killed"
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-c", PUSH_THEN_HOLD, str(write_end), "push", str(digits_set), url, "--workers", "1",
+               "--quiet"]
+    environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, cwd=REPO, env=environment, pass_fds=(write_end,), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reports:
+        uploaded = [reports.readline().strip().decode() for _ in range(3)]
+        assert all(uploaded), process.communicate()[1]
+        process.kill()
+        assert reports.read() == b""  # the push is gone
+    process.wait()
+    present = s3.list_names(url)
+    assert sorted(present) == sorted(target.rsplit("/", 1)[1] for target in uploaded)  # no manifest among them
+
+    summary = push_module.push(digits_set, url, workers=4, progress=False)
+    files = _set_names(digits_set)
+    assert (summary.skipped, summary.uploaded) == (3, len(files) - 3), summary.line()
     assert set(s3.list_names(url)) == files
 
 
@@ -216,10 +229,10 @@ def test_push_refuses_what_is_not_a_complete_set(s3_env: str, digits_set: Path, 
     assert "not an s3:// URL" in line
 
 
-def test_push_refuses_a_prefix_holding_another_set(s3_env: str, digits_set: Path, many_shards: Path, capsys):
+def test_push_refuses_a_prefix_holding_another_set(s3_env: str, digits_set: Path, photo_shards: Path, capsys):
     url = f"{s3_env}/taken"
     push_module.push(digits_set, url, workers=2, progress=False)
-    line = _cli_error(capsys, ["push", str(many_shards), url, "--quiet"])
+    line = _cli_error(capsys, ["push", str(photo_shards), url, "--quiet"])
     assert "already holds another shard set" in line and "new prefix" in line
 
 
@@ -368,7 +381,7 @@ def test_dali_reads_a_pushed_set_through_aws_endpoint_url(s3_env: str, digits_se
     assert first_batch(url) == first_batch(str(digits_set))
 
 
-# --- reading a pushed set: info, verify, pack straight to s3:// (issue 12, phase 2) ---
+# --- reading a pushed set: info, verify, pack straight to s3:// ---
 
 
 def test_info_and_verify_read_an_s3_set(s3_server, s3_env: str, digits_set: Path, capsys):
@@ -423,19 +436,21 @@ def test_info_and_verify_failures_are_one_line(s3_env: str, capsys):
         assert f"{s3_env}/nothing/manifest.json: no such object" in line and "mt-shard push" in line
 
 
-def test_pack_to_s3_stages_locally_then_pushes(s3_env: str, digits_set: Path, tmp_path: Path, capsys):
+def test_pack_to_s3_stages_locally_then_pushes(s3_env: str, photo_tree: Path, photo_shards: Path, tmp_path: Path,
+                                               capsys):
     from shard_tools.pack_s3 import staging_folder
 
     url = f"{s3_env}/packed"
-    argv = ["pack", "digits", url, "--labels-per-class", "5", "--workers", "1", "--quiet"]
+    argv = ["pack", str(photo_tree), url, "--label-fraction", "0.25", "--shard-size", "16", "--workers", "1",
+            "--quiet"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("packed 1797 images") and lines[1].startswith("pushed "), lines
+    assert lines[0].startswith("packed 80 images") and lines[1].startswith("pushed "), lines
     assert lines[1].endswith("staging folder removed") and not staging_folder(url).exists()
-    files = _set_names(digits_set)
+    files = _set_names(photo_shards)
     assert set(s3.list_names(url)) == files
     for name in files:  # the bytes of a local pack with the same options
-        assert s3.read_bytes(s3.join(url, name)) == (digits_set / name).read_bytes(), name
+        assert s3.read_bytes(s3.join(url, name)) == (photo_shards / name).read_bytes(), name
 
     # the prefix now holds a set: refused before packing anything
     line = _cli_error(capsys, argv)
@@ -454,17 +469,18 @@ def test_pack_to_s3_stages_locally_then_pushes(s3_env: str, digits_set: Path, tm
     assert not Path("s3:").exists()
 
 
-def test_pack_to_s3_resumes_the_push_without_packing_again(s3_env: str, digits_set: Path, monkeypatch):
+def test_pack_to_s3_resumes_the_push_without_packing_again(s3_env: str, photo_tree: Path, photo_shards: Path,
+                                                            monkeypatch):
     from shard_tools.pack_s3 import pack_to_s3, staging_folder
 
     url = f"{s3_env}/resumed"
     real_upload = _fail_uploads_after(3, monkeypatch)
-    options = dict(labels_per_class=5, workers=1, progress=False, push_workers=1)
+    options = dict(label_fraction=0.25, shard_size=16, workers=1, progress=False, push_workers=1)
     with pytest.raises(ShardFormatError, match="injected failure"):
-        pack_to_s3("digits", url, **options)
+        pack_to_s3(photo_tree, url, **options)
     assert staging_folder(url).is_dir() and MANIFEST_NAME not in s3.list_names(url)
 
     monkeypatch.setattr(push_module.s3, "upload_file", real_upload)
-    packed, pushed, kept = pack_to_s3("digits", url, **options)
+    packed, pushed, kept = pack_to_s3(photo_tree, url, **options)
     assert packed.already_complete and (pushed.skipped, kept) == (3, None) and not staging_folder(url).exists()
-    assert set(s3.list_names(url)) == _set_names(digits_set)
+    assert set(s3.list_names(url)) == _set_names(photo_shards)

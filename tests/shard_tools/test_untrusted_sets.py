@@ -1,5 +1,4 @@
-"""Shard sets from someone else: hostile names, damaged set files and shards, and resplit's safety
-(issue 10: D2, D3, D5, D9, D4 for resplit, and the lower resplit items)."""
+"""Shard sets from someone else: hostile names, damaged set files and shards, and resplit's safety."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The batches are decoded in memory (records of 1 label byte + the R, G and B 32x3
 stored as JPEG quality 95 without chroma subsampling. Origins follow the reference's unpacked names
 (`train/<class>/<n>_<class>.png`, n counting over data_batch_1..5), so its label files
 (`16002_airplane.png airplane`) work with `--labels`. The python version of the archive holds
-pickles and is refused (shard_tools.archives): nothing here unpickles.
+pickles and is refused (archive_files.archive_layout): nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -14,18 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from shard_tools.archive_files import small_members
 from shard_tools.format import ShardFormatError
-from shard_tools.sources import Collection, Item, _check_class_names
+from shard_tools.sources.archive_files import CIFAR_BINARY_URL, CIFAR_DIR, small_members
+from shard_tools.sources.base import Collection, Item, check_class_names
 
-CIFAR_DIR = "cifar-10-batches-bin"
 CIFAR_TRAIN = [f"data_batch_{n}.bin" for n in range(1, 6)]
 CIFAR_TEST = "test_batch.bin"
 CIFAR_META = "batches.meta.txt"
 CIFAR_SIDE = 32
 CIFAR_RECORD = 1 + 3 * CIFAR_SIDE * CIFAR_SIDE
 CIFAR_QUALITY = 95
-CIFAR_BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 
 
 def encode_rgb(pixels: np.ndarray) -> bytes:
@@ -53,7 +51,7 @@ def load_cifar(path: Path) -> Collection:
     if missing:
         raise ShardFormatError(f"{path}: no {CIFAR_DIR}/{missing[0]}; download {CIFAR_BINARY_URL} again")
     classes = [line.strip() for line in files[CIFAR_META].decode("ascii", "replace").splitlines() if line.strip()]
-    _check_class_names(classes, f"{path}: {CIFAR_META}")
+    check_class_names(classes, f"{path}: {CIFAR_META}")
     parts: dict[str, list[Item]] = {"train": [], "test": []}
     for part, batch_names in (("train", CIFAR_TRAIN), ("test", [CIFAR_TEST])):
         for batch in batch_names:

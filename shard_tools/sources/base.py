@@ -1,14 +1,14 @@
-"""Image collections mt-shard can pack: ImageNet-style folder trees, text file lists, the digits set.
+"""What every source becomes, and the readers the sources share.
 
-Each source becomes a `Collection`: class names (index = position) and `Item`s, each with a key
-that is unique, holds no dots and depends only on where the image came from, so an image keeps
-its key however the set is later split.
+A source becomes a `Collection`: class names (index = position) and `Item`s, each with a key that
+is unique, holds no dots and depends only on where the image came from, so an image keeps its key
+however the set is later split. The readers here (class files, class folders, file lists) serve
+both the train sources and the val part of an archive source.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -16,9 +16,8 @@ from pathlib import Path
 
 from shard_tools.files import read_pairs
 from shard_tools.format import ShardFormatError, is_class_name
+from shard_tools.sources.archive_files import ArchiveMember
 
-DIGITS = "digits"
-DIGITS_SIZE = 32
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _MAX_KEY = 90
 
@@ -28,7 +27,7 @@ class Item:
     key: str
     label: int
     origin: str  # path as the user knows it (relative to SRC or the list), or "digits/<n>"
-    path: str | tuple | None = None  # file to read (or an archive_files.ArchiveMember); None when `data` holds the bytes
+    path: str | ArchiveMember | None = None  # the file, or the member of an archive; None: `data` holds the bytes
     data: bytes | None = None
     where: str = ""  # "<list file>:<line>" for file-list items, for messages
 
@@ -54,7 +53,8 @@ def key_for(origin: str) -> str:
     return key
 
 
-def _assign_unique_keys(items: list[Item]) -> list[Item]:
+def assign_unique_keys(items: list[Item]) -> list[Item]:
+    """`items` with a numbered suffix on every key already taken by an earlier item."""
     seen: set[str] = set()
     unique = []
     for item in items:
@@ -68,6 +68,7 @@ def _assign_unique_keys(items: list[Item]) -> list[Item]:
 
 
 def read_classes_file(path: str | Path) -> list[str]:
+    """The class names of a `--classes` file, one per line (# comments and blank lines skipped)."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
@@ -79,10 +80,11 @@ def read_classes_file(path: str | Path) -> list[str]:
     dupes = sorted({name for name in classes if classes.count(name) > 1})
     if dupes:
         raise ShardFormatError(f"{path}: class {dupes[0]!r} is listed twice; list each class once")
-    return _check_class_names(classes, str(path))
+    return check_class_names(classes, str(path))
 
 
-def _check_class_names(classes: list[str], where: str) -> list[str]:
+def check_class_names(classes: list[str], where: str) -> list[str]:
+    """`classes`, after checking each can be written to labels.txt (no white space, no control characters)."""
     # labels.txt lines are '<key> <class name>': a name with a space could not be read back.
     for name in classes:
         if not is_class_name(name):
@@ -91,7 +93,8 @@ def _check_class_names(classes: list[str], where: str) -> list[str]:
     return classes
 
 
-def _class_index(classes: list[str], name: str, where: str, classes_file: str | None) -> int:
+def class_index(classes: list[str], name: str, where: str, classes_file: str | None) -> int:
+    """The position of class `name`; unknown names are refused naming `where` and the fix."""
     try:
         return classes.index(name)
     except ValueError:
@@ -104,7 +107,8 @@ def _unreadable_folder(exc: OSError) -> None:
                            "out of SRC") from None
 
 
-def _files_under(folder: Path) -> list[Path]:
+def files_under(folder: Path) -> list[Path]:
+    """Every file below `folder` (hidden ones skipped), in sorted order."""
     found = []
     for root, dirs, files in os.walk(folder, onerror=_unreadable_folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -112,7 +116,8 @@ def _files_under(folder: Path) -> list[Path]:
     return found
 
 
-def _subfolders(folder: Path) -> list[Path]:
+def subfolders(folder: Path) -> list[Path]:
+    """The folders directly inside `folder` (hidden ones skipped), sorted."""
     try:
         return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as exc:
@@ -120,12 +125,15 @@ def _subfolders(folder: Path) -> list[Path]:
         raise  # not reached
 
 
-def _tree_part(part_dir: Path, root: Path, classes: list[str], classes_file: str | None, need_all: bool):
-    class_dirs = _subfolders(part_dir)
+def tree_part(
+    part_dir: Path, root: Path, classes: list[str], classes_file: str | None, need_all: bool
+) -> list[Item]:
+    """The Items of `part_dir`/<class>/...; with `need_all`, every class must have a folder."""
+    class_dirs = subfolders(part_dir)
     items, seen = [], set()
     for class_dir in class_dirs:
-        label = _class_index(classes, class_dir.name, str(class_dir), classes_file)
-        files = _files_under(class_dir)
+        label = class_index(classes, class_dir.name, str(class_dir), classes_file)
+        files = files_under(class_dir)
         if not files:
             raise ShardFormatError(f"{class_dir}: empty class folder; add images or remove the folder")
         seen.add(class_dir.name)
@@ -140,32 +148,19 @@ def _tree_part(part_dir: Path, root: Path, classes: list[str], classes_file: str
     return items
 
 
-def _load_tree(root: Path, classes_file: str | None) -> Collection:
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    val_dir = root / "val" if train_dir != root and (root / "val").is_dir() else None
-    if classes_file:
-        classes = read_classes_file(classes_file)
-    else:
-        classes = [p.name for p in _subfolders(train_dir)]
-        _check_class_names(classes, str(train_dir))
-        if not classes:
-            raise ShardFormatError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image files>")
-    train = _tree_part(train_dir, root, classes, classes_file, need_all=True)
-    val = _tree_part(val_dir, root, classes, classes_file, need_all=False) if val_dir else None
-    stray = [p for p in train_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
-    skipped = [{"path": p.relative_to(root).as_posix(), "reason": "not inside a class folder"} for p in sorted(stray)]
-    return Collection(f"tree {root}", classes, train, val, 0.1, skipped)
-
-
-def _read_list(list_path: Path, classes: list[str] | None, classes_file: str | None) -> list[tuple[str, str, str]]:
+def read_list(list_path: Path, classes: list[str] | None, classes_file: str | None) -> list[tuple[str, str, str]]:
+    """(path, class name, "file:line") of each line of a file list; names checked against `classes`."""
     entries = read_pairs(list_path, "file list", "<path> <class name>", "check the path")
     if classes is not None:
         for _path, name, where in entries:
-            _class_index(classes, name, where, classes_file)
+            class_index(classes, name, where, classes_file)
     return entries
 
 
-def _list_items(list_path: Path, entries, classes: list[str], prefix: str = "") -> list[Item]:
+def list_items(
+    list_path: Path, entries: list[tuple[str, str, str]], classes: list[str], prefix: str = ""
+) -> list[Item]:
+    """The Items of `read_list`'s entries, paths relative to the list's folder."""
     items = []
     for path, name, where in entries:
         file = Path(path) if os.path.isabs(path) else list_path.parent / path
@@ -181,7 +176,7 @@ def _list_items(list_path: Path, entries, classes: list[str], prefix: str = "") 
     return items
 
 
-def _refuse_duplicates(items: list[Item]) -> None:
+def refuse_duplicates(items: list[Item]) -> None:
     """One image listed twice (also under two classes, or in both the train and val lists) would
     become two samples, or leak val images into training: refused with both lines."""
     seen: dict[str, Item] = {}
@@ -196,70 +191,3 @@ def _refuse_duplicates(items: list[Item]) -> None:
             )
 
 
-def _load_list(list_path: Path, classes_file: str | None) -> Collection:
-    fixed = read_classes_file(classes_file) if classes_file else None
-    entries = _read_list(list_path, fixed, classes_file)
-    classes = fixed or _check_class_names(sorted({name for _, name, _ in entries}), str(list_path))
-    present = {name for _, name, _ in entries}
-    missing = [name for name in classes if name not in present]
-    if missing:
-        raise ShardFormatError(f"{list_path}: class {missing[0]!r} has no image in the list; add some")
-    train = _list_items(list_path, entries, classes)
-    return Collection(f"list {list_path}", classes, train, None, 0.1)
-
-
-def digits_jpegs(quality: int = 95) -> tuple[list[bytes], list[int]]:
-    """scikit-learn's 1,797 digits as 32x32 RGB JPEGs (bicubic upscale of the 8x8, 0..16 images)."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
-    encoded = []
-    for image in images:
-        big = Image.fromarray(image, mode="L").resize((DIGITS_SIZE, DIGITS_SIZE), Image.BICUBIC).convert("RGB")
-        buffer = io.BytesIO()
-        big.save(buffer, format="JPEG", quality=quality)
-        encoded.append(buffer.getvalue())
-    return encoded, [int(t) for t in digits.target]
-
-
-def _load_digits() -> Collection:
-    encoded, targets = digits_jpegs()
-    items = [
-        Item(f"digits-{index:05d}", label, f"digits/{index}", data=data)
-        for index, (data, label) in enumerate(zip(encoded, targets, strict=True))
-    ]
-    return Collection("scikit-learn digits", [str(d) for d in range(10)], items, None, 0.3)
-
-
-def load_source(source: str | Path, classes_file: str | None = None, val_list: str | None = None,
-                val_labels: str | None = None, progress: bool = False) -> Collection:
-    """Find every image of `source` (a folder tree, a list file, an archive or "digits") and its class.
-
-    `val_list` is the val source (`--val`: a tree, a list, or a flat archive or folder with `val_labels`).
-    """
-    if str(source) == DIGITS:
-        if classes_file or val_list or val_labels:
-            raise ShardFormatError("digits: --classes and --val apply only to folder trees, file lists and archives")
-        return _load_digits()
-    from shard_tools import archives  # here, not at the top: archives builds on this module
-
-    path = Path(source)
-    if path.is_file() and archives.is_archive(path):
-        collection = archives.load_archive(path, classes_file, progress)
-    elif path.is_dir():
-        collection = _load_tree(path, classes_file)
-    elif path.is_file():
-        collection = _load_list(path, classes_file)
-    else:
-        raise ShardFormatError(f"{path}: no such folder or file list; give an image tree, a list file, an archive "
-                              "or 'digits'")
-    if val_list or val_labels:
-        archives.attach_val(collection, val_list, val_labels, classes_file)
-    _refuse_duplicates([item for item in collection.train + (collection.val or []) if isinstance(item.path, str)])
-    unique = _assign_unique_keys(collection.train + (collection.val or []))
-    collection.train, rest = unique[: len(collection.train)], unique[len(collection.train) :]
-    collection.val = rest if collection.val is not None else None
-    return collection

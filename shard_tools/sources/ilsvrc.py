@@ -1,7 +1,4 @@
-"""Packing straight from the archives users download, without extracting them.
-
-`load_archive` tells the layouts apart and reads each; how a member is found and read in place is
-shard_tools.archive_files.
+"""The ILSVRC2012 archives as downloaded, read in place without extracting them.
 
 - `ILSVRC2012_img_train.tar`: an uncompressed tar of one uncompressed `<wnid>.tar` per class, each
   holding `<wnid>_<n>.JPEG`. One pass over the outer tar's headers and each inner tar's headers
@@ -12,104 +9,39 @@ shard_tools.archive_files.
   work too) with `--val-labels`: a `<file name> <wnid>` list (whitespace or comma separated, so the
   first two fields of LOC_val_solution.csv work) or the devkit tarball `ILSVRC2012_devkit_t12.tar.gz`
   (data/ILSVRC2012_validation_ground_truth.txt + data/meta.mat).
-- `cifar-10-binary.tar.gz`: read by shard_tools.cifar; the python version of the archive holds
-  pickles and is refused: nothing here unpickles.
-
-`attach_val` gives any train source its val part from `--val` (a class tree, a list, or a flat
-archive or folder with `--val-labels`).
 """
 
 from __future__ import annotations
 
 import io
-import tarfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from shard_tools.archive_files import (
-    ArchiveMember,
-    archive_format,
-    clean_name,
-    damaged_archive,
-    is_archive,
-    small_members,
-    tar_files,
-)
-from shard_tools.cifar import CIFAR_BINARY_URL, CIFAR_DIR, CIFAR_META, load_cifar
 from shard_tools.format import ShardFormatError
-from shard_tools.sources import (
+from shard_tools.sources.archive_files import ArchiveMember, is_archive, small_members, tar_files
+from shard_tools.sources.base import (
     Collection,
     Item,
-    _check_class_names,
-    _class_index,
-    _files_under,
-    _list_items,
-    _read_list,
-    _tree_part,
+    check_class_names,
+    class_index,
+    files_under,
     key_for,
     read_classes_file,
 )
 
 DEVKIT_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_META = "data/meta.mat"
-_KNOWN = ("ILSVRC2012_img_train.tar (one <wnid>.tar per class), a flat val tar with --val, "
-          "or cifar-10-binary.tar.gz")
 
 
 def _stem(name: str) -> str:
+    """A member or file name without folder and extension: how val label files name an image."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     return base.rsplit(".", 1)[0] if "." in base else base
 
 
-def _first_member(path: Path, compression: str) -> str:
-    """The name of the archive's first regular file, to tell the layouts apart."""
-    mode = {"tar": "r:", "gzip": "r:gz", "bzip2": "r:bz2", "xz": "r:xz"}[compression]
-    try:
-        with tarfile.open(path, mode) as archive:
-            for member in archive:
-                if member.isfile():
-                    return clean_name(member.name)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise damaged_archive(path, exc) from None
-    raise ShardFormatError(f"{path}: the archive holds no files; expected {_KNOWN}")
-
-
-def _layout(path: Path) -> str:
-    """'ilsvrc-train', 'flat', 'cifar-binary'; raises for the pickled CIFAR and anything unknown."""
-    compression = archive_format(path)
-    if compression == "zip":
-        raise ShardFormatError(f"{path}: a zip archive; expected {_KNOWN}")
-    first = _first_member(path, compression)
-    top = first.split("/", 1)[0]
-    if top.startswith("cifar") and (top.endswith("-py") or top.endswith("-python")):
-        raise ShardFormatError(
-            f"{path}: the python version of CIFAR holds pickles, which mt-shard never loads; download the "
-            f"binary version ({CIFAR_BINARY_URL}) and pack that"
-        )
-    if top == CIFAR_DIR:
-        return "cifar-binary"
-    if compression != "tar":
-        raise ShardFormatError(f"{path}: a {compression}-compressed archive of an unknown layout; expected {_KNOWN} "
-                               "(decompress a compressed ImageNet tar first: images are read by offset)")
-    return "ilsvrc-train" if first.endswith(".tar") else "flat"
-
-
-def load_archive(path: Path, classes_file: str | None, progress: bool = False) -> Collection:
-    """The Collection of a train archive: ILSVRC2012_img_train.tar or cifar-10-binary.tar.gz."""
-    layout = _layout(path)
-    if layout == "cifar-binary":
-        if classes_file:
-            raise ShardFormatError(f"{path}: CIFAR's classes come from {CIFAR_META}; drop --classes")
-        return load_cifar(path)
-    if layout == "flat":
-        raise ShardFormatError(f"{path}: holds images, not one <wnid>.tar per class; give it as --val "
-                               "(with --val-labels) beside the train archive")
-    return _load_ilsvrc_train(path, classes_file, progress)
-
-
-def _load_ilsvrc_train(path: Path, classes_file: str | None, progress: bool) -> Collection:
+def load_ilsvrc_train(path: Path, classes_file: str | None, progress: bool = False) -> Collection:
+    """ILSVRC2012_img_train.tar: one Item per image of each `<wnid>.tar`, read in place (ArchiveMember)."""
     from tqdm import tqdm
 
     per_class: dict[str, list[tuple[str, int, int]]] = {}
@@ -135,10 +67,10 @@ def _load_ilsvrc_train(path: Path, classes_file: str | None, progress: bool) -> 
             raise ShardFormatError(f"{path}: class {missing[0]!r} of {classes_file} has no {missing[0]}.tar here; "
                                    "fix the classes file")
     else:
-        classes = _check_class_names(sorted(per_class), str(path))
+        classes = check_class_names(sorted(per_class), str(path))
     items, archive = [], str(path)  # one string shared by every member
     for wnid, files in per_class.items():
-        label = _class_index(classes, wnid, f"{path}: {wnid}.tar", classes_file)
+        label = class_index(classes, wnid, f"{path}: {wnid}.tar", classes_file)
         for name, offset, size in files:
             origin = f"{wnid}/{name}"
             items.append(Item(key_for(origin), label, origin, path=ArchiveMember(archive, offset, size)))
@@ -146,6 +78,7 @@ def _load_ilsvrc_train(path: Path, classes_file: str | None, progress: bool) -> 
 
 
 def _devkit_labels(path: Path) -> dict[str, tuple[str, str]]:
+    """The devkit's ground truth by val image name, through meta.mat's ILSVRC2012_ID -> wnid table."""
     files = small_members(path, lambda name: next((k for k in (DEVKIT_TRUTH, DEVKIT_META) if name.endswith(k)), None))
     if len(files) != 2:
         raise ShardFormatError(f"{path}: not the ILSVRC2012 devkit (no {DEVKIT_META} and {DEVKIT_TRUTH}); give "
@@ -197,7 +130,8 @@ def read_val_labels(path: str | Path) -> dict[str, tuple[str, str]]:
     return labels
 
 
-def _labeled_val(files: list[tuple[str, str | ArchiveMember]], labels_path: Path, classes: list[str]) -> list[Item]:
+def labeled_val(files: list[tuple[str, str | ArchiveMember]], labels_path: Path, classes: list[str]) -> list[Item]:
+    """Val Items of flat (name, file or member) pairs, each image's class from `labels_path` (read_val_labels)."""
     labels = read_val_labels(labels_path)
     index = {name: position for position, name in enumerate(classes)}
     unlabeled = [origin for origin, _ in files if _stem(origin) not in labels]
@@ -214,38 +148,15 @@ def _labeled_val(files: list[tuple[str, str | ArchiveMember]], labels_path: Path
     return items
 
 
-def _load_val(val: Path, val_labels: str | None, classes: list[str], classes_file: str | None) -> tuple[list, str]:
-    """The val Items of `--val` and how they were found ('archive', 'folder' or 'list')."""
-    if val.is_file() and is_archive(val):
-        if _layout(val) != "flat":
-            raise ShardFormatError(f"{val}: not a flat archive of val images; give ILSVRC2012_img_val.tar to --val")
-        if not val_labels:
-            raise ShardFormatError(f"{val}: a val archive names no classes; add --val-labels FILE (a "
-                                   "'<file name> <wnid>' list, LOC_val_solution.csv or ILSVRC2012_devkit_t12.tar.gz)")
-        with open(val, "rb", buffering=0) as handle:
-            archive = str(val)
-            files = [(name, ArchiveMember(archive, offset, size)) for name, offset, size in tar_files(val, handle)]
-        return _labeled_val(files, Path(val_labels), classes), "archive"
-    if val.is_dir() and val_labels:  # a flat folder of val images, e.g. the extracted val archive
-        files = [(file.relative_to(val).as_posix(), str(file)) for file in _files_under(val)]
-        return _labeled_val(files, Path(val_labels), classes), "folder"
-    if val_labels:
-        raise ShardFormatError(f"{val}: --val-labels applies to a flat val archive or folder; a list or a class "
-                               "tree names each image's class itself")
-    if val.is_dir():
-        items = _tree_part(val, val, classes, classes_file, need_all=False)
-        return [Item(key_for("val/" + item.origin), item.label, item.origin, item.path) for item in items], "folder"
-    if val.is_file():
-        return _list_items(val, _read_list(val, classes, classes_file), classes, prefix="val/"), "list"
-    raise ShardFormatError(f"{val}: no such val folder, file list or archive; check --val")
+def flat_archive_val(val: Path, val_labels: Path, classes: list[str]) -> list[Item]:
+    """The val Items of ILSVRC2012_img_val.tar (flat), each read in place, classes from `val_labels`."""
+    with open(val, "rb", buffering=0) as handle:
+        archive = str(val)
+        files = [(name, ArchiveMember(archive, offset, size)) for name, offset, size in tar_files(val, handle)]
+    return labeled_val(files, val_labels, classes)
 
 
-def attach_val(collection: Collection, val: str | None, val_labels: str | None, classes_file: str | None) -> None:
-    """Give `collection` the val part `--val` names (with `--val-labels` for a flat archive or folder)."""
-    if val is None:
-        raise ShardFormatError("--val-labels names the classes of --val images; add --val")
-    if collection.val is not None:
-        raise ShardFormatError(f"{collection.description.split(' ', 1)[-1]}: has its own val part; drop --val")
-    if val_labels is not None and not Path(val_labels).is_file():
-        raise ShardFormatError(f"{val_labels}: no such val labels file; check --val-labels")
-    collection.val, collection.val_method = _load_val(Path(val), val_labels, collection.classes, classes_file)
+def flat_folder_val(val: Path, val_labels: Path, classes: list[str]) -> list[Item]:
+    """The val Items of a flat folder of val images (the extracted val archive), classes from `val_labels`."""
+    return labeled_val([(file.relative_to(val).as_posix(), str(file)) for file in files_under(val)], val_labels,
+                       classes)  # fmt: skip
