@@ -233,7 +233,7 @@ def _train_readers(request: LoaderRequest, device_id: int | None) -> tuple[DaliR
         feeds = [TrainFeed(request.labeled, request.unlabeled, (request.student, request.teacher),
                            cfg.labeled_per_batch, cfg.unlabeled_per_batch, cfg.seed, cfg.shuffle_buffer, request.rank,
                            request.world_size, workers, k, quotas, length, epoch, starts, environment,
-                           reader_parent())
+                           reader_parent(), cfg.max_pixels)
                  for k in range(workers)]
         return [f if f.scheduled([s[0] for s in starts]) or f.scheduled([0] * workers) else None for f in feeds]
 
@@ -269,7 +269,8 @@ def _val_loader(request: LoaderRequest, device_id: int | None) -> tuple[DaliRead
     size = cfg.eval_batch_size
     environment = storage_environment(request)
     shares = [reader_range(val.total, request.rank, request.world_size, k, workers) for k in range(workers)]
-    readers = DaliReaders(lambda _: [ValFeed(val, request.eval_spec, size, share, environment, reader_parent())
+    readers = DaliReaders(lambda _: [ValFeed(val, request.eval_spec, size, share, environment, reader_parent(),
+                                             cfg.max_pixels)
                                      if len(share) else None for share in shares],
                           (request.eval_spec,), size, device_id, val.name)
 

@@ -27,8 +27,10 @@ import numpy as np
 from pipelines.augment import AugmentSpec, colour_matrix, geometry_matrix, sample_colour, sample_geometry
 from pipelines.mixing import draw_rng, reader_range, reads_whole_split
 from pipelines.reading import Split, draws
+from pipelines.torch_loader import _UNUSABLE as UNUSABLE
 from pipelines.torch_loader import Draws, jpeg_size
 from shard_tools import storage
+from shard_tools.format import DEFAULT_MAX_PIXELS
 
 # meta columns of a training row (the same in every row of a batch)
 TRAIN_META = ("epoch", "worker", "index", "skipped", "labeled_position", "unlabeled_position")
@@ -66,15 +68,17 @@ def feed_names(specs: Sequence[AugmentSpec]) -> list[str]:
     return names
 
 
-def complete_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG that starts with SOI, has a readable frame header and ends with EOI.
+def complete_jpeg_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that starts with SOI, has a readable frame header, ends with EOI and
+    holds at most `max_pixels` pixels; None otherwise.
 
     The cheap check the DALI backend's readers apply before DALI decodes: an image that fails it is
-    skipped as the torch backend skips an undecodable one (zeroed or truncated members).
+    skipped as the torch backend skips an undecodable or oversized one (zeroed or truncated members).
     """
     if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-32:]:
         return None
-    return jpeg_size(data)
+    size = jpeg_size(data)
+    return size if size is not None and size[0] * size[1] <= max_pixels else None
 
 
 # a tiny black JPEG for the padding rows of a val batch (label -1, not valid); encoded on import, so a
@@ -126,7 +130,7 @@ class EncodedDraws(Draws):
         """The next draw that passes `complete_jpeg_size` (others are skipped and counted as in render)."""
         while True:
             key, data, label = self._next()
-            size = complete_jpeg_size(data)
+            size = complete_jpeg_size(data, self.max_pixels)
             if size is not None:
                 self._failures = 0
                 return key, data, label, size, draw_rng(self.stream_seed, self.position - 1)
@@ -163,6 +167,7 @@ class TrainFeed:
     starts: tuple[tuple[int, int, int], ...]
     storage_environment: dict[str, str] | None = None
     parent: tuple[int, bool] | None = None  # for settle_reader
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def scheduled(self, first: Sequence[int]) -> list[int]:
         return [index for reader, index in epoch_schedule(self.quotas, first, self.epoch_length)
@@ -171,7 +176,8 @@ class TrainFeed:
     def _draws(self, split: Split, epoch: int, tag: str, whole: bool) -> EncodedDraws:
         samples = range(split.total) if whole else reader_range(split.total, self.rank, self.world_size,
                                                                 self.worker, self.workers)
-        return EncodedDraws(split, samples, (self.seed, epoch, self.rank, self.worker, tag), self.shuffle_buffer)
+        return EncodedDraws(split, samples, (self.seed, epoch, self.rank, self.worker, tag), self.shuffle_buffer,
+                            self.max_pixels)
 
     def __call__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
         if self.parent is not None:
@@ -229,6 +235,7 @@ class ValFeed:
     samples: range
     storage_environment: dict[str, str] | None = None
     parent: tuple[int, bool] | None = None  # for settle_reader
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __call__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
         if self.parent is not None:
@@ -238,10 +245,10 @@ class ValFeed:
         while True:
             pending, rows, skipped, index = None, [], 0, 0
             for key, data, label in draws(self.split, self.samples, (), 0, cycle=False):
-                size = complete_jpeg_size(data)
+                size = complete_jpeg_size(data, self.max_pixels)
                 if size is None:
                     skipped += 1
-                    warnings.warn(f"skipping val sample {key!r}: its image does not decode", stacklevel=1)
+                    warnings.warn(f"skipping val sample {key!r}: {UNUSABLE}", stacklevel=1)
                     continue
                 rows.append((key, data, label, size))
                 if len(rows) == self.batch_size:
