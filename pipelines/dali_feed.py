@@ -69,11 +69,10 @@ def feed_names(specs: Sequence[AugmentSpec]) -> list[str]:
 
 def complete_jpeg_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
     """(width, height) of a JPEG that starts with SOI, has a readable frame header, ends with EOI and
-    holds at most `max_pixels` pixels.
+    holds at most `max_pixels` pixels; None otherwise.
 
     The cheap check the DALI backend's readers apply before DALI decodes: an image that fails it is
-    skipped as the torch backend skips an undecodable or oversized one (zeroed or truncated members,
-    a frame header over data.max_pixels: DALI cannot skip an image once it is fed).
+    skipped as the torch backend skips an undecodable or oversized one (zeroed or truncated members).
     """
     if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-32:]:
         return None
@@ -167,7 +166,7 @@ class TrainFeed:
     starts: tuple[tuple[int, int, int], ...]
     storage_environment: dict[str, str] | None = None
     parent: tuple[int, bool] | None = None  # for settle_reader
-    max_pixels: int = DEFAULT_MAX_PIXELS  # data.max_pixels: larger images are skipped, as the torch backend does
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def scheduled(self, first: Sequence[int]) -> list[int]:
         return [index for reader, index in epoch_schedule(self.quotas, first, self.epoch_length)
@@ -235,7 +234,7 @@ class ValFeed:
     samples: range
     storage_environment: dict[str, str] | None = None
     parent: tuple[int, bool] | None = None  # for settle_reader
-    max_pixels: int = DEFAULT_MAX_PIXELS  # data.max_pixels
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __call__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
         if self.parent is not None:

@@ -281,3 +281,14 @@ def test_build_pipeline_cycles_over_fewer_images_than_a_batch(photo_shards):
         assert views.as_array().shape == (24, 3, 224, 224)
         keys += [bytes(key.at(i)).decode() for i in range(len(key))]
     assert len(set(keys)) == 16 and len(keys) == 48  # the 16 val images, pass after pass
+
+
+@pytest.mark.timeout(120)
+def test_images_over_the_pixel_cap_are_skipped_as_by_the_torch_backend(digits_shards, digits_config):
+    messages = {}
+    for backend in ("torch", "dali"):  # every digit is 32 x 32 = 1,024 pixels
+        with pytest.raises(PipelineError) as error:
+            take(build_loaders(digits_shards, digits_config(max_pixels=1023), backend=backend).train, 1)
+        messages[backend] = str(error.value)
+    assert messages["dali"] == messages["torch"]
+    assert "\n" not in messages["dali"] and "images this reader holds decodes" in messages["dali"]
