@@ -18,12 +18,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m mt_scale.demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# Tests run in TEST_WORKERS processes (pytest-xdist; 0: in this one). Tests that read the same session
+# run (tests/conftest.py) are grouped on one worker, so each run is trained once.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-# The inner loop: every test but the real-training ones marked slow (`make test` runs those too).
+test: $(STAMP)
+	$(PYTEST)
+
+# The inner loop: every test but the ones marked slow (real training, launches; `make test` runs them too).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check shard_tools pipelines mt_scale tests

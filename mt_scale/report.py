@@ -9,16 +9,17 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mt_scale import run_folder
 from mt_scale.errors import MtScaleError, os_error_message
 from mt_scale.evaluate import SCORE_NAMES
 from mt_scale.losses import LOSS_NAMES
+from mt_scale.run_folder import prepare_run_dir as prepare_run_dir
+from mt_scale.run_folder import release_run_dir as release_run_dir
 from shard_tools.files import atomic_output, atomic_write
-from shard_tools.locks import hold_folder, release_folder
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -48,63 +49,13 @@ ERROR_COLUMNS = tuple(column for column in EVAL_COLUMNS if column.endswith("_err
 METRIC_FIELDS = ("step", "epoch", "kind", *TRAIN_COLUMNS, *EVAL_COLUMNS)
 
 
-def prepare_run_dir(run_dir: Path, *, remove: tuple[str, ...] = (), resuming: bool = False) -> Path | None:
-    """Create `run_dir`, take its lock (one run per folder, held until `release_run_dir` or the end of
-    the process), refuse checkpoints a new run would mix with, and delete the files or folders named
-    in `remove` from it.
-
-    Returns the topmost folder this created (None if `run_dir` existed), for cleanup when the run
-    fails. An OS error is one MtScaleError naming `run_dir`.
-    """
-    import shutil
-
-    from mt_scale.checkpoint import checkpoint_dirs
-
-    missing = [path for path in (run_dir, *run_dir.parents) if not os.path.lexists(path)]
-    created = missing[-1] if missing else None
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        hold_folder(run_dir, who="another mt-train run", error=MtScaleError,
-                    fix="wait for it to finish, or choose another folder with --set run.output_dir=DIR")
-        if not resuming and checkpoint_dirs(run_dir):
-            raise MtScaleError(
-                f"{run_dir}: already holds a run with checkpoints; continue it with --resume or "
-                "choose another folder with --set run.output_dir=DIR"
-            )
-        for name in remove:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    except (OSError, MtScaleError) as exc:
-        if created is not None:
-            release_folder(run_dir)
-            shutil.rmtree(created, ignore_errors=True)
-        if isinstance(exc, MtScaleError):
-            raise
-        raise MtScaleError(
-            f"{run_dir}: cannot create the run folder ({os_error_message(exc)}); "
-            "choose a writable run.output_dir (--set run.output_dir=DIR)"
-        ) from None
-    return created
-
-
 def open_run_dir(accelerator: Accelerator, run_dir: Path, *, resuming: bool) -> Path | None:
-    """Create `run_dir` (main process); returns the topmost folder this created, None if it existed.
-
-    A new run refuses a folder with checkpoints and removes what a run killed before its first one left.
-    """
+    """Create and lock `run_dir` (mt_scale.run_folder.open_run_dir), clearing the files a run writes
+    when it is a new run; returns the topmost folder this created, None if it existed."""
     from mt_scale.checkpoint import EXPORT_NAME
 
-    created = None
-    if accelerator.is_main_process:  # the main process writes the folder and holds its lock
-        leftovers = (METRICS_NAME, REPORT_NAME, CURVES_NAME, EXPORT_NAME, TENSORBOARD_DIR)
-        created = prepare_run_dir(run_dir, remove=() if resuming else leftovers, resuming=resuming)
-    accelerator.wait_for_everyone()
-    return created
-
-
-def release_run_dir(run_dir: Path) -> None:
-    """Drop the lock `open_run_dir` took on `run_dir` (a no-op where this process holds none)."""
-    release_folder(run_dir)
+    leftovers = (METRICS_NAME, REPORT_NAME, CURVES_NAME, EXPORT_NAME, TENSORBOARD_DIR)
+    return run_folder.open_run_dir(accelerator, run_dir, resuming=resuming, leftovers=leftovers)
 
 
 def write_or_fail(path: Path, write: Callable[[], Any]) -> Any:
@@ -371,5 +322,26 @@ def trackers(log_with: str, run_dir: Path) -> list[Any]:
                 f"run.log_with={log_with!r}: the {name} package is not installed; pip install {name}, or set "
                 "run.log_with=tensorboard"
             )
+    if "tensorboard" in names:
+        quiet_writer_thread_errors()
     return [tracking.TensorBoardTracker(TENSORBOARD_DIR, str(run_dir)) if name == "tensorboard" else name
             for name in dict.fromkeys(names)]  # fmt: skip
+
+
+def quiet_writer_thread_errors() -> None:
+    """Drop the traceback Python prints when TensorBoard's writer thread fails (a full disk): the thread
+    keeps the error and the training loop's next write raises it, where it becomes the run's one line."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "keeps_writer_errors", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        thread = args.thread
+        if type(thread).__name__ == "_AsyncWriterThread" and getattr(thread, "exception", None) is args.exc_value:
+            return  # recorded on the thread; raised again in the training loop
+        previous(args)
+
+    hook.keeps_writer_errors = True  # type: ignore[attr-defined]
+    threading.excepthook = hook

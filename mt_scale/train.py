@@ -39,6 +39,7 @@ from mt_scale.report import (
     flat_hparams,
     open_run_dir,
     plot_curves,
+    release_run_dir,
     summary_line,
     trackers,
     write_or_fail,
@@ -140,6 +141,7 @@ def train(
         raise
     finally:
         stop.restore()
+        release_run_dir(run_dir)  # the folder's lock (main process); a killed run's goes with the process
 
 
 def _accelerator(cfg: Config) -> Accelerator:
@@ -194,7 +196,8 @@ def _setup(
     if resume is not None:
         checkpoint = resolve_checkpoint(resume, Path(cfg.run.output_dir))
         load_checkpoint(accelerator, checkpoint, state, loaders, parts.teacher, model_name=cfg.model.name,
-                        num_classes=loaders.num_classes)  # fmt: skip
+                        num_classes=loaders.num_classes, epochs=cfg.run.epochs,
+                        steps_per_epoch=steps_per_epoch)  # fmt: skip
         accelerator.print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch})")
     metrics = None
     if accelerator.is_main_process:

@@ -270,7 +270,7 @@ def _val_loader(request: LoaderRequest, device_id: int | None) -> tuple[DaliRead
     environment = storage_environment(request)
     shares = [reader_range(val.total, request.rank, request.world_size, k, workers) for k in range(workers)]
     readers = DaliReaders(lambda _: [ValFeed(val, request.eval_spec, size, share, environment, reader_parent(),
-                                             cfg.max_pixels)
+                                             request.cfg.max_pixels)
                                      if len(share) else None for share in shares],
                           (request.eval_spec,), size, device_id, val.name)
 

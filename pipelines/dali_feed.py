@@ -27,8 +27,7 @@ import numpy as np
 from pipelines.augment import AugmentSpec, colour_matrix, geometry_matrix, sample_colour, sample_geometry
 from pipelines.mixing import draw_rng, reader_range, reads_whole_split
 from pipelines.reading import Split, draws
-from pipelines.torch_loader import _UNUSABLE as UNUSABLE
-from pipelines.torch_loader import Draws, jpeg_size
+from pipelines.torch_loader import UNUSABLE, Draws, jpeg_size
 from shard_tools import storage
 from shard_tools.format import DEFAULT_MAX_PIXELS
 
@@ -70,10 +69,11 @@ def feed_names(specs: Sequence[AugmentSpec]) -> list[str]:
 
 def complete_jpeg_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
     """(width, height) of a JPEG that starts with SOI, has a readable frame header, ends with EOI and
-    holds at most `max_pixels` pixels; None otherwise.
+    holds at most `max_pixels` pixels.
 
     The cheap check the DALI backend's readers apply before DALI decodes: an image that fails it is
-    skipped as the torch backend skips an undecodable or oversized one (zeroed or truncated members).
+    skipped as the torch backend skips an undecodable or oversized one (zeroed or truncated members,
+    a frame header over data.max_pixels: DALI cannot skip an image once it is fed).
     """
     if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-32:]:
         return None
@@ -167,7 +167,7 @@ class TrainFeed:
     starts: tuple[tuple[int, int, int], ...]
     storage_environment: dict[str, str] | None = None
     parent: tuple[int, bool] | None = None  # for settle_reader
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS  # data.max_pixels: larger images are skipped, as the torch backend does
 
     def scheduled(self, first: Sequence[int]) -> list[int]:
         return [index for reader, index in epoch_schedule(self.quotas, first, self.epoch_length)
@@ -235,7 +235,7 @@ class ValFeed:
     samples: range
     storage_environment: dict[str, str] | None = None
     parent: tuple[int, bool] | None = None  # for settle_reader
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS  # data.max_pixels
 
     def __call__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
         if self.parent is not None:

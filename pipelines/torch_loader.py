@@ -62,7 +62,7 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-_UNUSABLE = "its image does not decode, or holds more pixels than data.max_pixels"
+UNUSABLE = "its image does not decode, or holds more pixels than data.max_pixels"
 
 
 def _view_scale(matrix: np.ndarray) -> float:
@@ -198,7 +198,7 @@ class Draws:
                 f"{_shard_names(self.split, self.samples)}: none of the {len(self.samples)} {self.split.name} "
                 "images this reader holds decodes; check the set with `mt-shard verify --decode` and re-pack it")
         if self._failures <= 3:
-            warnings.warn(f"skipping sample {key!r}: {_UNUSABLE}", stacklevel=1)
+            warnings.warn(f"skipping sample {key!r}: {UNUSABLE}", stacklevel=1)
 
 
 def _guarded(batches: Iterator[dict]) -> Iterator[dict]:
@@ -310,7 +310,7 @@ class ValStream(IterableDataset):
         for key, data, label in draws(self.split, self.samples(worker), (), 0, cycle=False):
             if not render_views(data, (self.spec,), rng, (images.numpy()[len(rows)],), self.max_pixels):
                 skipped += 1
-                warnings.warn(f"skipping val sample {key!r}: {_UNUSABLE}", stacklevel=1)
+                warnings.warn(f"skipping val sample {key!r}: {UNUSABLE}", stacklevel=1)
                 continue
             rows.append(label)
             keys.append(key)

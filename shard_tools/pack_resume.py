@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+from shard_tools.bounded import load_json
 from shard_tools.errors import os_error_message
 from shard_tools.files import (
     atomic_write,
@@ -152,8 +153,8 @@ def read_state(out: Path) -> dict:
     state: dict = {"pack_args": None, "shards": {}}
     for number, line in enumerate(lines):
         try:
-            entry = json.loads(line)
-        except ValueError:
+            entry = load_json(line, str(out / STATE_NAME), ShardFormatError, fix="")  # bounded: depth, UTF-8
+        except ShardFormatError:
             continue
         if not isinstance(entry, dict):
             continue

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from shard_tools.bounded import load_json
 from shard_tools.errors import os_error_message
 from shard_tools.files import (
     check_output_location,
@@ -123,8 +124,8 @@ def _origin(handles: dict, key: str, place: tuple[Path, dict]) -> str:
     if meta is None or meta[1] > _MAX_META_BYTES:
         return key
     try:
-        source = json.loads(_read_member(handles, place[0], meta)).get("source")
-    except (ValueError, AttributeError):
+        source = load_json(_read_member(handles, place[0], meta), key, ShardFormatError, fix="").get("source")
+    except (ShardFormatError, AttributeError):
         return key
     return source if isinstance(source, str) else key
 

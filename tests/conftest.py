@@ -108,6 +108,7 @@ def _load_s3_server_fixtures():
 
 
 _s3_server_module = _load_s3_server_fixtures()
-s3_server, s3_env, start_s3_server = (
-    _s3_server_module.s3_server, _s3_server_module.s3_env, _s3_server_module.start_s3_server
+s3_server, s3_env, start_s3_server, pushed_digits = (
+    _s3_server_module.s3_server, _s3_server_module.s3_env, _s3_server_module.start_s3_server,
+    _s3_server_module.pushed_digits,
 )

@@ -8,6 +8,8 @@ AWS_ENDPOINT_URL as a user's store would be. tests/conftest.py exposes the fixtu
 - `s3_env` (function): the AWS environment pointed at the server (dummy credentials, no config
   files, no instance metadata) and a fresh bucket; returns `s3://<bucket>`.
 - `start_s3_server` (function): starts a private server a test may stop (server-gone cases).
+- `pushed_digits` (session): the session's digits set pushed once to the session's server; returns its
+  s3:// URL, for the tests that only read a pushed set (with `s3_env` for the environment).
 """
 
 from __future__ import annotations
@@ -143,6 +145,17 @@ def s3_env(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
     """The AWS environment pointed at the session's server, and a fresh bucket: returns s3://bucket."""
     apply_environ(monkeypatch, s3_server)
     return f"s3://{create_bucket(s3_server)}"
+
+
+@pytest.fixture(scope="session")
+def pushed_digits(s3_server: MotoServer, digits_shards: Path) -> str:
+    from shard_tools.push import push
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        apply_environ(monkeypatch, s3_server)
+        url = f"s3://{create_bucket(s3_server)}/digits"
+        push(digits_shards, url, workers=4, progress=False)
+    return url
 
 
 @pytest.fixture

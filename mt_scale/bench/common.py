@@ -25,6 +25,7 @@ LIBRARIES = (
     "timm",
     "webdataset",
     "nvidia-dali-cuda120",
+    "nvidia-dali-cuda130",
     "opencv-python-headless",
     "pillow",
     "numpy",
@@ -94,10 +95,11 @@ def _memory_gib() -> float | None:
 
 
 def describe_machine() -> dict:
-    """What ran the benchmark: CPU, cores, memory, GPU, and the load when it started (shared machines)."""
+    """What ran the benchmark: CPU, cores, memory, GPUs (name, memory, CUDA), the load when it started."""
     import torch
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    gpu_memory = [round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1) for i in range(len(gpus))]
     try:
         load = [round(value, 2) for value in os.getloadavg()]
     except OSError:
@@ -109,6 +111,8 @@ def describe_machine() -> dict:
         "usable_cores": usable_cores(),
         "memory_gib": _memory_gib(),
         "gpus": gpus,
+        "gpu_memory_gib": gpu_memory,
+        "cuda": torch.version.cuda if gpus else None,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": load,

@@ -110,8 +110,11 @@ def run_loop(cfg: Config, device: Device) -> dict:
     return result.report
 
 
-def time_bare_step(cfg: Config, device: Device, steps: int) -> float:
-    """Images/s of the loop's step alone over `steps` of the loop's own batches, held in memory."""
+def time_bare_step(cfg: Config, device: Device, steps: int, device_limit: int | None = None) -> float:
+    """Images/s of the loop's step alone over `steps` of the loop's own batches, held in memory.
+
+    `device_limit` is the most rows per device the loop ran with (its report's plan), so the step
+    is laid out in the same micro-batches."""
     import torch
     from accelerate import Accelerator
 
@@ -119,7 +122,7 @@ def time_bare_step(cfg: Config, device: Device, steps: int) -> float:
     from mt_scale.step import MeanTeacherStep, create_training
     from pipelines import build_loaders
 
-    cfg = resolve_for_devices(cfg, 1)
+    cfg = resolve_for_devices(cfg, 1, measured_limit=device_limit)
     with _on(device):
         accelerator = Accelerator(  # as mt_scale.train builds it, without the trackers
             mixed_precision=cfg.run.mixed_precision, gradient_accumulation_steps=cfg.run.grad_accum_steps,
@@ -144,16 +147,17 @@ def time_bare_step(cfg: Config, device: Device, steps: int) -> float:
         return len(batches) * step.student_rows / watch.seconds
 
 
-def time_end_to_end(setup: EndToEnd, device: Device, repeats: int, work_dir: Path) -> list[dict]:
-    """`train/e2e_loop` and `train/e2e_step` (img/s) and `train/e2e_vs_step`, loop and step alternating."""
+def time_end_to_end(setup: EndToEnd, device: Device, repeats: int, work_dir: Path, suffix: str = "") -> list[dict]:
+    """`train/e2e_loop`, `train/e2e_step` (img/s) and `train/e2e_vs_step` (+ `suffix`), loop and step
+    alternating."""
     shards = setup.shards or packed_digits(work_dir)
     cfg = loop_config(setup, device, shards, work_dir / "e2e-run")
     loop_rates, step_rates, ratios, steps = [], [], [], 0
-    for _ in tqdm(range(repeats), desc="train end to end", unit="repeat"):
+    for _ in tqdm(range(repeats), desc=f"train end to end{suffix}", unit="repeat"):
         report = run_loop(cfg, device)
         steps = int(report["steps"])
         loop_rates.append(float(report["images_per_sec"]))
-        step_rates.append(time_bare_step(cfg, device, steps))
+        step_rates.append(time_bare_step(cfg, device, steps, report.get("batch", {}).get("device_limit")))
         ratios.append(loop_rates[-1] / step_rates[-1])
     shutil.rmtree(cfg.run.output_dir, ignore_errors=True)
     detail = {
@@ -161,12 +165,12 @@ def time_end_to_end(setup: EndToEnd, device: Device, repeats: int, work_dir: Pat
         "epochs": setup.epochs, "steps": steps, "batch_size": cfg.data.batch_size,
         "labeled_per_batch": cfg.data.labeled_per_batch, "backend": cfg.data.backend, "workers": cfg.data.workers,
         "log_every_steps": cfg.run.log_every_steps, "device": device.name, "precision": device.precision,
-        "compile": cfg.model.compile, "cuda_graph": bool(getattr(cfg.model, "cuda_graph", False)),
+        "compile": cfg.model.compile, "cuda_graph": cfg.model.cuda_graph,
         "loop_rate": "report.json images_per_sec (images_seen / train_seconds)",
         "step_rate": "the same steps over batches held in memory, timed from the first step",
     }  # fmt: skip
     return [
-        figure("train/e2e_loop", "img/s", loop_rates, **detail),
-        figure("train/e2e_step", "img/s", step_rates, **detail),
-        figure("train/e2e_vs_step", "x", ratios, **detail),
+        figure(f"train/e2e_loop{suffix}", "img/s", loop_rates, **detail),
+        figure(f"train/e2e_step{suffix}", "img/s", step_rates, **detail),
+        figure(f"train/e2e_vs_step{suffix}", "x", ratios, **detail),
     ]

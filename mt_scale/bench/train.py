@@ -4,9 +4,10 @@ The Mean Teacher step; the same function with the teacher forward and EMA update
 supervised step a user would otherwise run; `train/step_ratio` = MT / this); and mt-train's
 supervised baseline (mt.enabled=false, as mt-train runs it). Synthetic uint8 batches on the device
 isolate compute from data loading (`mt-bench pipeline` measures that). `--max-batch` also measures
-at the largest batch that fits the device; `--compile` and `--cuda-graph` set the model's
-`compile` and `cuda_graph` fields; `--end-to-end` compares the whole loop with the bare step
-(mt_scale.bench.end_to_end).
+at the largest batch that fits the device; `--compile` and `--cuda-graph`/`--no-cuda-graph` set the
+model's `compile` and `cuda_graph` fields (on a GPU without either, the step is timed graphed and
+eager, `/eager` figures, and `train/graph_speedup` = graphed / eager Mean Teacher rate);
+`--end-to-end` compares the whole loop with the bare step (mt_scale.bench.end_to_end).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class TrainOptions(DeviceOptions):
     max_batch: bool = option(False, "also time the steps at the largest batch that fits the device",
                              action="store_true")  # fmt: skip
     compile: bool = option(False, "torch.compile the models (model.compile=true)", action="store_true")
-    cuda_graph: bool = option(False, "capture the step as a CUDA graph (model.cuda_graph=true)",
-                              action="store_true")  # fmt: skip
+    cuda_graph: bool | None = option(None, "the step captured as CUDA graphs (model.cuda_graph), or eager",
+                                     shown="graphed and eager side by side on a GPU",
+                                     action=argparse.BooleanOptionalAction)  # fmt: skip
     end_to_end: bool = option(False, "also time the real training loop against the bare step on the same batches",
                               in_all=True, action=argparse.BooleanOptionalAction)  # fmt: skip
     e2e_preset: str = option("digits-demo", "--end-to-end: the preset the loop trains")
@@ -84,16 +86,20 @@ def bench_accelerator(device: Device) -> Accelerator:
     )
 
 
-def model_overrides(device: Device, compile: bool = False, cuda_graph: bool = False) -> list[str]:
-    """The `--set` overrides of the model fields the bench's flags choose (memory format, compile, graph)."""
-    from mt_scale.config import ModelConfig
-
+def model_overrides(device: Device, compile: bool = False, cuda_graph: bool | None = None) -> list[str]:
+    """The `--set` overrides of the model fields the bench's flags choose (memory format, compile, graph;
+    `cuda_graph` None: the preset's)."""
     overrides = [f"model.channels_last={str(device.channels_last).lower()}", f"model.compile={str(compile).lower()}"]
-    if cuda_graph:
-        if not any(spec.name == "cuda_graph" for spec in dataclasses.fields(ModelConfig)):
-            raise MtScaleError("--cuda-graph: this mt-scale has no model.cuda_graph setting; leave the flag out")
-        overrides.append("model.cuda_graph=true")
+    if cuda_graph is not None:
+        overrides.append(f"model.cuda_graph={str(cuda_graph).lower()}")
     return overrides
+
+
+def graph_modes(device: Device, cuda_graph: bool | None) -> list[tuple[bool | None, str]]:
+    """(model.cuda_graph, figure suffix) of each way to time the step: on a GPU without a choice, both."""
+    if device.name == "cuda" and cuda_graph is None:
+        return [(True, ""), (False, "/eager")]
+    return [(cuda_graph, "")]
 
 
 def preset_config(model_name: str, device: Device, batch_size: int, labeled: int, overrides: list[str]) -> Config:
@@ -200,6 +206,16 @@ def _fits(model_name: str, device: Device, image_size: int, overrides: list[str]
             torch.cuda.empty_cache()
 
 
+def _peak_memory_gib(device: Device) -> Callable[[], float | None]:
+    """A reading of the device memory allocated at most since now (GiB; None on a CPU)."""
+    import torch
+
+    if device.name != "cuda":
+        return lambda: None
+    torch.cuda.reset_peak_memory_stats()
+    return lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
 def time_steps(options: TrainOptions, target: Device, model_name: str, image_size: int, batch_size: int,
                overrides: list[str], suffix: str = "") -> list[dict]:  # fmt: skip
     """Images/s of each kind at `batch_size` rows and `train/step_ratio{suffix}`, the kinds alternating."""
@@ -207,6 +223,7 @@ def time_steps(options: TrainOptions, target: Device, model_name: str, image_siz
     if not 1 <= labeled <= batch_size:
         raise MtScaleError(f"--labeled-per-batch {labeled}: must be in 1..--batch-size ({batch_size})")
     bench = StepBench(preset_config(model_name, target, batch_size, labeled, overrides), target, image_size)
+    memory = _peak_memory_gib(target)
     steps = options.steps
     calls = [functools.partial(bench.run, kind) for kind in KINDS]
     alternate(calls, 3 if target.name == "cuda" else 1, target.sync)  # first steps allocate and pick kernels
@@ -220,9 +237,10 @@ def time_steps(options: TrainOptions, target: Device, model_name: str, image_siz
     detail = {
         "model": model_name, "image_size": image_size, "batch_size": batch_size, "labeled_per_batch": labeled,
         "steps": steps, "device": target.name, "precision": target.precision,
-        "channels_last": target.channels_last, "compile": options.compile, "cuda_graph": options.cuda_graph,
+        "channels_last": target.channels_last, "compile": options.compile,
+        "cuda_graph": bench.cfg.model.cuda_graph, "step_mode": bench.steps["mean_teacher"].mode,
         "two_heads": bench.cfg.model.two_heads, "consistency": bench.cfg.mt.consistency,
-        "step": "mt_scale.step.MeanTeacherStep",
+        "step": "mt_scale.step.MeanTeacherStep", "peak_memory_gib": memory(),
     }  # fmt: skip
     modes = {"supervised": "use_teacher=False", "mean_teacher": "mt.enabled=true",
              "supervised_baseline": "mt.enabled=false (mt-train's baseline: labeled rows only)"}  # fmt: skip
@@ -231,27 +249,48 @@ def time_steps(options: TrainOptions, target: Device, model_name: str, image_siz
     return [*figures, figure(f"train/step_ratio{suffix}", "x", ratios, **detail)]
 
 
+def graph_speedup(figures: list[dict], suffix: str = "") -> list[dict]:
+    """`train/graph_speedup{suffix}`: the graphed Mean Teacher step's rate over the eager one's, per repeat."""
+    by_name = {f["name"]: f for f in figures}
+    graphed, eager = by_name.get(f"train/mean_teacher{suffix}"), by_name.get(f"train/mean_teacher{suffix}/eager")
+    if graphed is None or eager is None:
+        return []
+    ratios = [g / e for g, e in zip(graphed["values"], eager["values"], strict=True)]
+    detail = {key: graphed["detail"][key] for key in ("model", "image_size", "batch_size", "device", "precision")}
+    return [figure(f"train/graph_speedup{suffix}", "x", ratios, **detail, graphed=graphed["detail"]["step_mode"])]
+
+
 def run(options: TrainOptions, work_dir: Path) -> list[dict]:
-    """The step figures at --batch-size (and at the largest batch with --max-batch); --end-to-end's too."""
+    """The step figures at --batch-size (and at the largest batch with --max-batch), graphed and eager on
+    a GPU unless --cuda-graph/--no-cuda-graph chooses; --end-to-end's too."""
     target = resolve_device(options.device, options.precision)
     on_gpu = target.name == "cuda"
     if options.max_batch and not on_gpu:
         raise MtScaleError("--max-batch searches a GPU's memory; use it with --device cuda")
     model_name = options.model or ("resnet152" if on_gpu else "resnet18")
     image_size = options.image_size or (224 if on_gpu else 64)
-    overrides = model_overrides(target, options.compile, options.cuda_graph)
-    figures = time_steps(options, target, model_name, image_size, options.batch_size, overrides)
+    modes = graph_modes(target, options.cuda_graph)
+    figures: list[dict] = []
+    for graphed, mode in modes:
+        overrides = model_overrides(target, options.compile, graphed)
+        figures += time_steps(options, target, model_name, image_size, options.batch_size, overrides, mode)
+    figures += graph_speedup(figures)
     if options.max_batch:
-        fits = functools.partial(_fits, model_name, target, image_size, overrides)
+        fits = functools.partial(_fits, model_name, target, image_size, model_overrides(target, options.compile))
         largest, why = largest_batch(fits, options.batch_size)
         figures.append(figure("train/max_batch", "rows", [largest], model=model_name, image_size=image_size,
                               device=target.name, precision=target.precision, search=why))  # fmt: skip
         if largest != options.batch_size:
-            figures += time_steps(options, target, model_name, image_size, largest, overrides, "/max_batch")
+            for graphed, mode in modes:
+                overrides = model_overrides(target, options.compile, graphed)
+                figures += time_steps(options, target, model_name, image_size, largest, overrides,
+                                      f"/max_batch{mode}")  # fmt: skip
+            figures += graph_speedup(figures, "/max_batch")
     if options.end_to_end:
         from mt_scale.bench.end_to_end import EndToEnd, time_end_to_end
 
-        setup = EndToEnd(options.e2e_preset, options.e2e_model, options.e2e_shards, options.e2e_epochs,
-                         options.e2e_backend, overrides)  # fmt: skip
-        figures += time_end_to_end(setup, target, options.repeats, work_dir)
+        for graphed, mode in modes:
+            setup = EndToEnd(options.e2e_preset, options.e2e_model, options.e2e_shards, options.e2e_epochs,
+                             options.e2e_backend, model_overrides(target, options.compile, graphed))  # fmt: skip
+            figures += time_end_to_end(setup, target, options.repeats, work_dir, mode)
     return figures

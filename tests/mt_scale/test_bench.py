@@ -15,8 +15,8 @@ import torch
 
 from mt_scale.bench.common import figure
 from mt_scale.bench.pipeline import derived_figures
-from mt_scale.bench.runner import TARGETS, check_targets, format_table
-from mt_scale.bench.train import is_out_of_memory, largest_batch
+from mt_scale.bench.runner import TARGETS, check_targets, format_table, loader_vs_step
+from mt_scale.bench.train import graph_speedup, is_out_of_memory, largest_batch
 from mt_scale.cli import bench_main
 from mt_scale.errors import MtScaleError
 from pipelines import resolve_backend
@@ -102,6 +102,19 @@ def test_targets_are_judged_on_the_device_they_name() -> None:
     assert checks == [("train/e2e_vs_step", ">= 0.95", True), ("ema/speedup", ">= 10.0", False)]
     unknown_device = [figure("ema/speedup", "x", [4.0])]
     assert check_targets(unknown_device) == []
+
+
+def test_loader_vs_step_compares_the_loader_training_would_use() -> None:
+    step = figure("train/mean_teacher", "img/s", [500.0, 700.0, 600.0], device="cuda", batch_size=40)
+    dali = figure("pipeline/dali", "img/s", [9000.0], backend="dali", device="cuda")
+    torch_loader = figure("pipeline/torch", "img/s", [900.0], backend="torch", device="cuda")
+    (ratio,) = loader_vs_step([step, torch_loader, dali])
+    assert ratio["values"] == [15.0] and ratio["detail"]["loader"] == "pipeline/dali"  # medians: 9000 / 600
+    assert [(c["figure"], c["holds"]) for c in check_targets([ratio])] == [("pipeline/loader_vs_step", True)]
+    on_cpu = figure("train/mean_teacher", "img/s", [60.0], device="cpu")
+    (cpu_ratio,) = loader_vs_step([on_cpu, torch_loader, dali])
+    assert cpu_ratio["values"] == [15.0] and cpu_ratio["detail"]["loader"] == "pipeline/torch"
+    assert check_targets([cpu_ratio]) == [] and loader_vs_step([dali]) == []
 
 
 def test_largest_batch_doubles_until_out_of_memory_then_bisects() -> None:
@@ -220,20 +233,29 @@ def test_end_to_end_config_trains_without_evaluations_or_checkpoints_between_epo
 
 def test_max_batch_and_cuda_graph_flags_say_what_they_need(capsys: pytest.CaptureFixture) -> None:
     from mt_scale.bench.common import Device
-    from mt_scale.bench.train import model_overrides
-    from mt_scale.config import ModelConfig
+    from mt_scale.bench.train import graph_modes, model_overrides
 
     assert bench_main(["train", "--device", "cpu", "--max-batch", "--repeats", "1", "--steps", "1",
                        "--model", "mt_digits_cnn", "--image-size", "32", "--batch-size", "8"]) == 2  # fmt: skip
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors == ["mt-bench: error: --max-batch searches a GPU's memory; use it with --device cuda"]
-    cpu = Device("cpu", "fp32", False)
+    cpu, gpu = Device("cpu", "fp32", False), Device("cuda", "bf16", True)
     assert model_overrides(cpu, compile=True) == ["model.channels_last=false", "model.compile=true"]
-    if hasattr(ModelConfig(), "cuda_graph"):
-        assert model_overrides(cpu, cuda_graph=True)[-1] == "model.cuda_graph=true"
-    else:
-        with pytest.raises(MtScaleError, match="no model.cuda_graph setting"):
-            model_overrides(cpu, cuda_graph=True)
+    assert model_overrides(gpu, cuda_graph=False)[-1] == "model.cuda_graph=false"
+    assert model_overrides(gpu, cuda_graph=True)[-1] == "model.cuda_graph=true"
+    # Without a choice a GPU times the step both ways, the eager figures suffixed; a CPU the preset's way.
+    assert graph_modes(gpu, None) == [(True, ""), (False, "/eager")]
+    assert graph_modes(gpu, False) == [(False, "")] and graph_modes(cpu, None) == [(None, "")]
+
+
+def test_graph_speedup_is_the_graphed_rate_over_the_eager_one_per_repeat() -> None:
+    detail = {"model": "resnet152", "image_size": 224, "batch_size": 40, "device": "cuda", "precision": "bf16"}
+    figures = [figure("train/mean_teacher", "img/s", [1200.0, 1100.0], **detail, step_mode="CUDA graphs"),
+               figure("train/mean_teacher/eager", "img/s", [600.0, 550.0], **detail, step_mode="eager")]  # fmt: skip
+    (speedup,) = graph_speedup(figures)
+    assert speedup["name"] == "train/graph_speedup" and speedup["values"] == [2.0, 2.0]
+    assert [c["holds"] for c in check_targets([speedup])] == [True]
+    assert graph_speedup(figures[:1]) == []
 
 
 def test_ema_speedup_follows_from_the_two_times(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -38,6 +38,9 @@ from mt_scale.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest, n
 from mt_scale.report import read_metrics
 from mt_scale.train import train
 
+# the session's reference runs: every test that reads them runs in one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("reference_runs")
+
 SETTINGS = [
     "data.workers=0",
     "run.epochs=1",

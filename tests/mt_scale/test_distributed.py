@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# the session's reference runs: every test that reads them runs in one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("reference_runs")
+
 
 @pytest.mark.slow
 def test_two_cpu_processes_train_one_teacher(two_rank_run, digits_shards: Path) -> None:

@@ -78,9 +78,12 @@ def test_train_state_is_checked_against_its_folder_and_the_schedule(run_copy, di
     assert resume_error(digits_shards, run, capsys) == (
         f"{state_file}: field 'step' is 1000000000, but the checkpoint folder is step-00000003; {RESTART_HINT}")
     state_file.write_text(original)
-    _edit_state(checkpoint, epoch=50)
+    _edit_state(checkpoint, epoch=50)  # past the schedule mt-train resumes with (run.epochs=1)
     message = resume_error(digits_shards, run, capsys)
-    assert message.startswith(f"{state_file}: field 'step' is 3, but epoch 50 and batch 3 of ")
+    assert message.startswith(f"{state_file}: field 'epoch' is 50, past this run's run.epochs=1; ")
+    _edit_state(checkpoint, epoch=1)  # within the schedule, but not where step 3 stands
+    message = resume_error(digits_shards, run, capsys)
+    assert message.startswith(f"{state_file}: field 'step' is 3, but epoch 1 and batch 3 of ")
     state_file.write_text(original)
     _edit_state(checkpoint, batch_in_epoch=10**6)
     assert "field 'batch_in_epoch' is 1000000, not a step boundary of an epoch of " in resume_error(

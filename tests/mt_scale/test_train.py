@@ -23,6 +23,9 @@ from mt_scale.report import METRIC_FIELDS, read_metrics
 from mt_scale.step import memory_error
 from mt_scale.train import train
 
+# the session's reference runs: every test that reads them runs in one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("reference_runs")
+
 # 25 steps per epoch: 1,208 unlabeled digits / 48 unlabeled rows per batch (one loader worker)
 STEPS_PER_EPOCH = 25
 SHORT = [

@@ -157,3 +157,30 @@ def test_images_over_the_pixel_cap_are_skipped_from_their_header(set_copy: Path,
     small = Draws(split, range(split.total), (0,), 0, max_pixels=63)  # digits are 8x8 = 64 pixels
     with pytest.raises(PipelineError, match="none of the 50 train-labeled images this reader holds decodes"):
         small.render((spec,), outs)
+
+
+def test_dali_readers_skip_a_jpeg_over_the_pixel_cap_before_decoding(set_copy: Path) -> None:
+    import struct
+    import tarfile
+
+    from pipelines.dali_feed import EncodedDraws
+
+    shard = _first_labeled_shard(set_copy)
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        data = bytearray(tar.extractfile(member).read())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)  # the frame header claims 20000x20000
+    with open(shard, "r+b") as handle:
+        handle.seek(member.offset_data)
+        handle.write(bytes(data))
+    _, splits = open_set(str(set_copy))
+    split, key = splits[TRAIN_LABELED], member.name.split(".")[0]
+    # what DALI is fed: every image but the one over the cap (PIL's 89478485 pixels by default),
+    # skipped and counted as the torch backend skips it, before any decoder sees it
+    capped = EncodedDraws(split, range(split.total), (0,), 0)
+    fed = [capped.take()[0] for _ in range(split.total - 1)]
+    assert capped.skipped == 1 and key not in fed and len(set(fed)) == split.total - 1
+    roomy = EncodedDraws(split, range(split.total), (0,), 0, max_pixels=400_000_000)
+    fed = [roomy.take()[0] for _ in range(split.total)]
+    assert roomy.skipped == 0 and key in fed

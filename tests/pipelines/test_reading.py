@@ -17,6 +17,9 @@ from shard_tools.format import TRAIN_UNLABELED, build_index, encode_label, index
 from shard_tools.manifest import read_manifest
 from shard_tools.pack import pack
 
+# the module's packed layouts are built once: one pytest-xdist worker runs this module
+pytestmark = pytest.mark.xdist_group("reading_layouts")
+
 
 @pytest.fixture(scope="module", params=["one_shard", "uneven"])
 def layout(request, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -53,8 +53,8 @@ def _one_line(error: pytest.ExceptionInfo) -> str:
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.timeout(300)
-def test_torch_backend_gives_the_local_batches(s3_env: str, digits_shards: Path, digits_config, workers: int):
-    url = _pushed(digits_shards, f"{s3_env}/digits")
+def test_torch_backend_gives_the_local_batches(s3_env: str, pushed_digits: str, digits_shards: Path, digits_config, workers: int):
+    url = pushed_digits
     cfg = digits_config(workers=workers)
     local = build_loaders(digits_shards, cfg, backend="torch", with_keys=True)
     remote = build_loaders(url, cfg, backend="torch", with_keys=True)
@@ -72,9 +72,9 @@ def _tar_gets(s3_server, bucket_prefix: str, since: int) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_torch_backend_reads_one_ranged_get_per_shard_span(s3_server, s3_env: str, digits_shards: Path,
+def test_torch_backend_reads_one_ranged_get_per_shard_span(s3_server, s3_env: str, pushed_digits: str,
                                                            digits_config):
-    url = _pushed(digits_shards, f"{s3_env}/spans")
+    url = pushed_digits
     cfg = digits_config(workers=2)
     loaders = build_loaders(url, cfg, backend="torch")
     _, splits = open_set(url)
@@ -156,8 +156,8 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(300)
-def test_workers_use_the_aws_settings_of_the_loader_not_the_forkserver(s3_env: str, digits_shards: Path):
-    url = _pushed(digits_shards, f"{s3_env}/forkserver")
+def test_workers_use_the_aws_settings_of_the_loader_not_the_forkserver(s3_env: str, pushed_digits: str):
+    url = pushed_digits
     environment = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", AWS_MAX_ATTEMPTS="1")
     result = subprocess.run([sys.executable, "-c", WORKERS_AFTER_FORKSERVER, url], capture_output=True, text=True,
                             timeout=280, env=environment, cwd=REPO)
@@ -165,8 +165,8 @@ def test_workers_use_the_aws_settings_of_the_loader_not_the_forkserver(s3_env: s
     assert result.stdout.split() == ["rows", "64"]
 
 
-def test_open_set_lists_s3_urls(s3_env: str, digits_shards: Path):
-    url = _pushed(digits_shards, f"{s3_env}/urls")
+def test_open_set_lists_s3_urls(s3_env: str, pushed_digits: str):
+    url = pushed_digits
     manifest, splits = open_set(url)
     assert set(splits) == set(SPLITS) and manifest.num_classes == 10
     assert all(shard.startswith(f"{url}/") and shard.endswith(".tar") for split in splits.values()
@@ -175,12 +175,13 @@ def test_open_set_lists_s3_urls(s3_env: str, digits_shards: Path):
 
 # Training end to end (mt_scale on top of these loaders): the session's reference run, from the store.
 @pytest.mark.slow
+@pytest.mark.xdist_group("reference_runs")  # in the pytest-xdist worker that holds the reference run
 @pytest.mark.timeout(600)
-def test_training_from_s3_gives_the_local_teacher_and_keeps_secrets_out(s3_env: str, digits_shards: Path,
+def test_training_from_s3_gives_the_local_teacher_and_keeps_secrets_out(s3_env: str, pushed_digits: str,
                                                                         reference_run, torch_thread, tmp_path: Path):
     from mt_scale.train import train
 
-    url = _pushed(digits_shards, f"{s3_env}/train")
+    url = pushed_digits
     with torch_thread():
         remote = train(reference_run.config(url, tmp_path / "s3"), progress=False)
     local, remote_state = reference_run.result.teacher.state_dict(), remote.teacher.state_dict()

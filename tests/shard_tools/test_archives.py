@@ -366,3 +366,17 @@ def test_val_option_takes_a_tree_and_val_list_still_works(imagenet: Path, tmp_pa
     with pytest.raises(ShardFormatError, match="--val-labels applies to a flat val archive or folder"):
         pack(imagenet / "ILSVRC2012_img_train.tar", tmp_path / "x", val_list=listed,
              val_labels=imagenet / "val_labels.txt", progress=False)
+
+
+def test_an_archive_member_is_read_in_place_by_its_own_type(imagenet: Path):
+    from shard_tools.sources import load_source
+    from shard_tools.sources.archive_files import ArchiveMember
+
+    collection = load_source(imagenet / "ILSVRC2012_img_train.tar")
+    by_origin = {item.origin: item for item in collection.train}
+    item = by_origin["n01443537/n01443537_2.JPEG"]
+    assert isinstance(item.path, ArchiveMember) and not isinstance(item.path, tuple)
+    assert item.path.archive == str(imagenet / "ILSVRC2012_img_train.tar") and item.data is None
+    expected = dict(_train_images()["n01443537"])["n01443537_2.JPEG"]
+    assert item.path.read() == expected and item.path.size == len(expected)
+    assert collection.classes == sorted(WNIDS) and item.label == sorted(WNIDS).index("n01443537")

@@ -90,3 +90,12 @@ def test_escaping_is_bounded_for_any_value() -> None:
     assert len(escaped(nested)) <= 80
     assert escaped("a\nb\x1b[2J\u202e") == "a\\nb\\x1b[2J\\u202e"
     assert quoted("x" * 500) == "'" + "x" * 75 + "...'"
+
+
+def test_a_deeply_nested_pack_state_is_one_line(tmp_path: Path, cli_error) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".mt-shard-pack.json").write_text("[" * 100_000 + "]" * 100_000)
+    line = cli_error(["pack", "digits", str(out), "--quiet"])
+    assert line == (f"mt-shard pack: error: {out}: holds an unfinished pack with other options; rerun that command "
+                    f"or delete {out}")

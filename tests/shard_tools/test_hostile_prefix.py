@@ -14,8 +14,9 @@ import pytest
 from shard_tools import s3
 from shard_tools.cli import main
 from shard_tools.format import MANIFEST_NAME
-from shard_tools.s3_claim import MARKER_NAME, claim_prefix
+from shard_tools.s3_claim import claim_prefix, marker_url
 
+MARKER = ".mt-shard-writing"
 _HOLDER = ("import sys; from shard_tools.s3_claim import claim_prefix\n"
            "with claim_prefix(sys.argv[1], 'mt-shard push'):\n"
            "    print('claimed', flush=True); sys.stdin.read()\n")
@@ -33,20 +34,31 @@ def test_a_second_writer_of_a_prefix_is_refused(s3_env: str, digits_shards: Path
             err = capsys.readouterr().err
             assert err == (f"mt-shard {argv[0]}: error: {url}: another mt-shard pack or push (PID {holder.pid} on "
                            f"{socket.gethostname()}, for 0 minutes) is writing this prefix; wait for it to finish; "
-                           f"if it was killed, delete {url}/{MARKER_NAME} and run the command again\n")
-        assert s3.list_names(url) == [MARKER_NAME]  # nothing written beside the other writer
+                           f"if it was killed, delete {url}{MARKER} and run the command again\n")
+        assert s3.list_names(url) == [] and s3.exists(marker_url(url))  # nothing written beside the other writer
     finally:
         holder.stdin.close()
         assert holder.wait(timeout=60) == 0
-    assert s3.list_names(url) == []  # the holder took its marker away
+    assert not s3.exists(marker_url(url))  # the holder took its marker away
     assert main(["push", str(digits_shards), url, "--quiet"]) == 0
-    names = s3.list_names(url)
-    assert MANIFEST_NAME in names and MARKER_NAME not in names
+    assert MANIFEST_NAME in s3.list_names(url) and not s3.exists(marker_url(url))
 
 
 def test_the_marker_goes_when_the_writer_fails(s3_env: str) -> None:
     url = f"{s3_env}/failing"
     with pytest.raises(RuntimeError), claim_prefix(url, "mt-shard push"):
-        assert s3.list_names(url) == [MARKER_NAME]
+        assert s3.exists(marker_url(url)) and marker_url(url) == f"{url}{MARKER}"
         raise RuntimeError("the upload failed")
-    assert s3.list_names(url) == []
+    assert not s3.exists(marker_url(url))
+
+
+def test_a_dead_writers_marker_on_this_host_is_taken_over(s3_env: str, digits_shards: Path) -> None:
+    url = f"{s3_env}/stale"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
+    assert holder.stdout.readline() == "claimed\n"
+    holder.kill()  # SIGKILL: the marker stays behind
+    assert holder.wait(timeout=60) == -9 and s3.exists(marker_url(url))
+    assert main(["push", str(digits_shards), url, "--quiet"]) == 0
+    assert MANIFEST_NAME in s3.list_names(url) and not s3.exists(marker_url(url))

@@ -101,9 +101,8 @@ def test_push_uploads_every_file_manifest_last(s3_server, s3_env: str, digits_se
     assert (summary.uploaded, summary.skipped) == (0, len(files)) and "nothing uploaded" in summary.line()
 
 
-def test_reads_give_the_local_bytes(s3_env: str, digits_set: Path):
-    url = f"{s3_env}/digits"
-    push_module.push(digits_set, url, workers=4, progress=False)
+def test_reads_give_the_local_bytes(s3_env: str, pushed_digits: str, digits_set: Path):
+    url = pushed_digits
     manifest = read_manifest(digits_set)
     shard = manifest.split("val").shards[0]
     local = (digits_set / shard).read_bytes()
@@ -229,9 +228,8 @@ def test_push_refuses_what_is_not_a_complete_set(s3_env: str, digits_set: Path, 
     assert "not an s3:// URL" in line
 
 
-def test_push_refuses_a_prefix_holding_another_set(s3_env: str, digits_set: Path, photo_shards: Path, capsys):
-    url = f"{s3_env}/taken"
-    push_module.push(digits_set, url, workers=2, progress=False)
+def test_push_refuses_a_prefix_holding_another_set(s3_env: str, pushed_digits: str, photo_shards: Path, capsys):
+    url = pushed_digits
     line = _cli_error(capsys, ["push", str(photo_shards), url, "--quiet"])
     assert "already holds another shard set" in line and "new prefix" in line
 
@@ -356,12 +354,11 @@ def test_a_forked_worker_builds_its_own_client(s3_env: str):
     assert data == b"abcd" and not reused_parent_client
 
 
-def test_dali_reads_a_pushed_set_through_aws_endpoint_url(s3_env: str, digits_set: Path):
+def test_dali_reads_a_pushed_set_through_aws_endpoint_url(s3_env: str, pushed_digits: str, digits_set: Path):
     """DALI 2.4's readers.webdataset takes s3:// shard and index paths and finds the store by AWS_ENDPOINT_URL."""
     from nvidia.dali import fn, pipeline_def, types
 
-    url = f"{s3_env}/dali"
-    push_module.push(digits_set, url, workers=2, progress=False)
+    url = pushed_digits
     shard = read_manifest(digits_set).split("val").shards[0]
 
     def first_batch(base: str) -> list[tuple[bytes, int]]:
@@ -384,9 +381,8 @@ def test_dali_reads_a_pushed_set_through_aws_endpoint_url(s3_env: str, digits_se
 # --- reading a pushed set: info, verify, pack straight to s3:// ---
 
 
-def test_info_and_verify_read_an_s3_set(s3_server, s3_env: str, digits_set: Path, capsys):
-    url = f"{s3_env}/checked"
-    push_module.push(digits_set, url, workers=4, progress=False)
+def test_info_and_verify_read_an_s3_set(s3_server, s3_env: str, pushed_digits: str, digits_set: Path, capsys):
+    url = pushed_digits
     assert main(["info", str(digits_set)]) == 0
     local = capsys.readouterr().out.splitlines()
     assert main(["info", url]) == 0
