@@ -260,6 +260,8 @@ def test_readers_outlive_a_preemption_signal_and_end_with_their_pipelines(digits
         assert_same_views(got, full)
         del batches, loaders
         gc.collect()  # the pipelines go, and with them their Python workers
+        for reader in readers:
+            reader.join(timeout=60)  # their exit, not a guess at how long it takes
         assert not [reader for reader in readers if reader.is_alive()]
     finally:
         signal.signal(signal.SIGTERM, previous)
