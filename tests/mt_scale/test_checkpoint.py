@@ -355,8 +355,11 @@ def start_mt_train(gate, shards: Path, run: Path, *extra: str) -> subprocess.Pop
     loader worker."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     args = [*gate.command("mt_scale.cli:train_main"), *argv(shards, run, *extra), "--set", "data.workers=1"]
+    # Ctrl-C as a terminal delivers it: a test runner's worker (pytest-xdist) may ignore SIGINT, and a child
+    # started with SIGINT ignored keeps ignoring it, so the child gets the default disposition back
     return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
