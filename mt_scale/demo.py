@@ -2,7 +2,8 @@
 
 Packs the digits (5 labels per class) into runs/demo/shards unless a matching set is there,
 trains the `digits-demo` preset with Mean Teacher and with `mt.enabled=false` for each seed (each
-run in runs/demo/<method>-seed<N>/ with its own report.json and curves.png), prints a table of
+run in runs/demo/<method>-seed<N>/ with its own report.json and curves.png; the runs train side by
+side, one process and one torch thread each, as many at once as there are cores), prints a table of
 teacher/student top-1 error, and writes runs/demo/summary.json and runs/demo/comparison.png.
 """
 
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,38 +69,87 @@ def run_config(method: str, seed: int, shards: Path, out_dir: Path, overrides: S
     return load_config(preset=PRESET, overrides=[*settings, *overrides])
 
 
+def demo_jobs(jobs: int | None, runs: int) -> int:
+    """How many runs train at once: `jobs`, or one per core this process may use; at most `runs`."""
+    if jobs is None:
+        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(jobs, runs))
+
+
+def train_one(cfg: Config, progress: bool = False, quiet: bool = False) -> tuple[dict[str, float], float]:
+    """One demo run on one torch thread: its final errors and seconds. One thread per run makes a run's
+    numbers the same whether it trains alone or beside others, and on CPU it is also the fastest use
+    of the cores (the demo's model is too small for a step to split well over threads). `quiet`: the
+    run's own lines are not printed (runs side by side would interleave them; warnings still are)."""
+    import contextlib
+    import io
+
+    import torch
+
+    from mt_scale.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            final = train(cfg, progress=progress).report["final"]
+    finally:
+        torch.set_num_threads(threads)
+    errors = {"teacher_top1_error": final["teacher_top1_error"], "student_top1_error": final["student_top1_error"]}
+    return errors, time.perf_counter() - started
+
+
 def run_demo(
     out_dir: str | Path = DEMO_DIR,
     *,
     seeds: Sequence[int] = SEEDS,
     overrides: Sequence[str] = (),
     progress: bool = True,
+    jobs: int | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Train both methods for every seed; returns (and writes) the summary {seed: {method: errors}}."""
-    from mt_scale.train import train
-
+    """Train both methods for every seed, `jobs` runs at once (default: one per core, each in its own
+    process); returns (and writes) the summary {seed: {method: errors}}."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = ensure_digits_shards(out_dir / "shards", progress=progress)
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    for seed in seeds:
-        for method in METHODS:
-            cfg = run_config(method, seed, shards, out_dir, overrides)
-            run_dir = Path(cfg.run.output_dir)
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # a fresh run each time the demo is made
-            started = time.perf_counter()
-            report = train(cfg, progress=progress).report
-            final = report["final"]
-            summary.setdefault(str(seed), {})[method] = {
-                "teacher_top1_error": final["teacher_top1_error"],
-                "student_top1_error": final["student_top1_error"],
-            }
-            print(
-                f"seed {seed} {method}: teacher {final['teacher_top1_error']:.4f}, "
-                f"student {final['student_top1_error']:.4f} ({time.perf_counter() - started:.0f}s, {run_dir})",
-                flush=True,
-            )
+    # Mean Teacher's runs (twice the work of a baseline's) first, so the last to start are the short ones
+    configs = {(seed, method): run_config(method, seed, shards, out_dir, overrides) for method in METHODS
+               for seed in seeds}
+    for cfg in configs.values():
+        if Path(cfg.run.output_dir).exists():
+            shutil.rmtree(cfg.run.output_dir)  # a fresh run each time the demo is made
+    jobs = demo_jobs(jobs, len(configs))
+
+    def report(key: tuple[int, str], errors: dict[str, float], seconds: float) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"seed {key[0]} {key[1]}: teacher {errors['teacher_top1_error']:.4f}, student "
+              f"{errors['student_top1_error']:.4f} ({seconds:.0f}s, {configs[key].run.output_dir})")
+
+    results: dict[tuple[int, str], dict[str, float]] = {}
+    if jobs == 1:  # in this process, with each run's own progress bar
+        for key, cfg in configs.items():
+            results[key], seconds = train_one(cfg, progress)
+            report(key, results[key], seconds)
+    else:
+        from tqdm import tqdm
+
+        print(f"training {len(configs)} runs, {jobs} at a time (one process and one thread each)", flush=True)
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool, \
+                tqdm(total=len(configs), unit="run", disable=not progress) as bar:
+            pending = {pool.submit(train_one, cfg, False, True): key for key, cfg in configs.items()}
+            try:
+                for future in as_completed(pending):
+                    key = pending[future]
+                    results[key], seconds = future.result()
+                    report(key, results[key], seconds)
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # the runs under way end; no new one starts
+                raise
+    summary = {str(seed): {method: results[seed, method] for method in METHODS} for seed in seeds}
     atomic_write(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     plot_comparison(summary, out_dir / PLOT_NAME)
     return summary
@@ -181,13 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mt_scale.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEMO_DIR), help=f"demo folder (default {DEMO_DIR})")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="runs trained at once, each in its own process on one thread (default: one per core)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def run() -> int:
         started = time.perf_counter()
-        summary = run_demo(args.out, seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress)
+        summary = run_demo(args.out, seeds=args.seeds, overrides=args.overrides, progress=not args.no_progress,
+                           jobs=args.jobs)
         print(summary_text(summary, args.out, time.perf_counter() - started))
         return 0
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,30 +33,29 @@ REGION = "us-east-1"
 _LOG_LINE = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+"')
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # moto's server (as `python -m moto.server` runs it) behind a WSGI layer that logs each request before
-# moto answers it: argv host, port, request log
+# moto answers it. It binds port 0 itself and, once listening, writes the port on stdout (its only
+# line there): the test waits on that line, not on polling. argv: host, request log
 SERVER = """
 import os, sys, threading
-from werkzeug.serving import run_simple
+from werkzeug.serving import make_server
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 
-host, port, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-os.environ.setdefault("MOTO_PORT", str(port))
-moto_app = DomainDispatcherApplication(create_backend_app)
-log, lock = open(log_path, "a", buffering=1), threading.Lock()
+host, log_path = sys.argv[1], sys.argv[2]
+log, lock, app = open(log_path, "a", buffering=1), threading.Lock(), []
 
 def logged(environ, start_response):
     with lock:
         log.write(f'"{environ["REQUEST_METHOD"]} {environ["RAW_URI"]} HTTP/1.1"\\n')
-    return moto_app(environ, start_response)
+    return app[0](environ, start_response)
 
-run_simple(host, port, logged, threaded=True, request_handler=MotoRequestHandler)
+server = make_server(host, 0, logged, threaded=True, request_handler=MotoRequestHandler)
+os.environ["MOTO_PORT"] = str(server.server_port)
+app.append(DomainDispatcherApplication(create_backend_app))
+sys.stdout.write(f"{server.server_port}\\n")
+sys.stdout.flush()
+os.dup2(2, 1)  # anything printed later goes to the server's log
+server.serve_forever()
 """
 
 
@@ -75,24 +72,22 @@ class MotoServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 60.0) -> MotoServer:
-        for _ in range(5):  # another process may take the free port between probe and bind: try another
-            self.port = _free_port()
-            environment = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
-            environment.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-c", SERVER, "127.0.0.1", str(self.port), str(self.request_log)],
-                    stdout=log, stderr=subprocess.STDOUT, env=environment,
-                )
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and self.process.poll() is None:
-                with contextlib.suppress(OSError):
-                    urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=2).read()
-                    return self
-                time.sleep(0.1)
+    def start(self) -> MotoServer:
+        """Start the server and return once it listens (it reports its port when it does)."""
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+        environment.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", SERVER, "127.0.0.1", str(self.request_log)],
+                stdout=subprocess.PIPE, stderr=log, env=environment,
+            )
+        line = self.process.stdout.readline()  # the port once listening; end-of-file if the server died
+        self.process.stdout.close()
+        if not line.strip().isdigit():
             self.stop()
-        raise RuntimeError(f"moto server did not start; see {self.log_path}")
+            raise RuntimeError(f"moto server did not start; see {self.log_path}")
+        self.port = int(line)
+        return self
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

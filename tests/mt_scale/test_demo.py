@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mt_scale.demo import (
     SEEDS,
     SUMMARY_NAME,
     TARGET_RATIO,
+    demo_jobs,
     ensure_digits_shards,
     format_table,
     mean_errors,
@@ -65,6 +67,24 @@ def test_existing_shards_are_reused(digits_shards: Path) -> None:
     assert ensure_digits_shards(digits_shards, progress=False) == digits_shards
     assert (digits_shards / "manifest.json").stat().st_mtime_ns == before
     assert read_manifest(digits_shards).label_split["labels_per_class"] == LABELS_PER_CLASS
+
+
+def test_jobs_default_to_the_cores_and_never_exceed_the_runs() -> None:
+    assert demo_jobs(None, 6) == max(1, min(len(os.sched_getaffinity(0)), 6))
+    assert (demo_jobs(4, 2), demo_jobs(0, 6), demo_jobs(3, 6)) == (2, 1, 3)
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_give_the_numbers_of_runs_one_after_another(digits_shards: Path, tmp_path: Path) -> None:
+    """Each run trains on one thread in its own process: the pool changes the wall time, not a digit."""
+    short = ["run.epochs=1", "optim.lr_rampdown_epochs=1", "run.checkpoint_every_epochs=0"]
+    for name in ("serial", "pool"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shards").symlink_to(digits_shards)  # the session's set: same labels per class
+    serial = run_demo(tmp_path / "serial", seeds=(0,), overrides=short, progress=False, jobs=1)
+    pool = run_demo(tmp_path / "pool", seeds=(0,), overrides=short, progress=False, jobs=2)
+    assert pool == serial and serial["0"]["mean_teacher"] != serial["0"]["supervised"]
+    assert (tmp_path / "pool" / "mean_teacher-seed0" / "report.json").is_file()
 
 
 @pytest.mark.slow
