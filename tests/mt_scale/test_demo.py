@@ -75,19 +75,6 @@ def test_jobs_default_to_the_cores_and_never_exceed_the_runs() -> None:
 
 
 @pytest.mark.slow
-def test_runs_side_by_side_give_the_numbers_of_runs_one_after_another(digits_shards: Path, tmp_path: Path) -> None:
-    """Each run trains on one thread in its own process: the pool changes the wall time, not a digit."""
-    short = ["run.epochs=1", "optim.lr_rampdown_epochs=1", "run.checkpoint_every_epochs=0"]
-    for name in ("serial", "pool"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "shards").symlink_to(digits_shards)  # the session's set: same labels per class
-    serial = run_demo(tmp_path / "serial", seeds=(0,), overrides=short, progress=False, jobs=1)
-    pool = run_demo(tmp_path / "pool", seeds=(0,), overrides=short, progress=False, jobs=2)
-    assert pool == serial and serial["0"]["mean_teacher"] != serial["0"]["supervised"]
-    assert (tmp_path / "pool" / "mean_teacher-seed0" / "report.json").is_file()
-
-
-@pytest.mark.slow
 def test_mean_teacher_beats_supervised_on_digits(tmp_path: Path) -> None:
     """`make demo` itself: 3 seeds, 50 labels; the teacher's error at most 0.7x the baseline's."""
     summary = run_demo(tmp_path / "demo", seeds=SEEDS, progress=False)

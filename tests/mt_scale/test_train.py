@@ -199,6 +199,7 @@ def test_out_of_memory_becomes_a_batch_size_error() -> None:
     assert memory_error(other, batch) is other
 
 
+@pytest.mark.slow
 def test_mt_train_console_script_exits_2(tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "mt-train"
     done = subprocess.run(

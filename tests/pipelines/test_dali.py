@@ -73,7 +73,8 @@ def test_dali_views_are_equal_without_augmentation(digits_shards, digits_config)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("rank", "world_size", "workers"), [(0, 1, 2), (1, 2, 1), (0, 1, 3)])
+@pytest.mark.parametrize(("rank", "world_size", "workers"), [(0, 1, 2), (1, 2, 1),
+                                                        pytest.param(0, 1, 3, marks=pytest.mark.slow)])
 def test_dali_gives_the_torch_backend_batches(digits_shards, digits_config, rank, world_size, workers):
     cfg = digits_config(workers=workers, seed=5)
     runs = {}
@@ -103,7 +104,7 @@ def test_two_dali_ranks_cover_the_epoch_once(digits_shards, digits_content, digi
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("stop", [6, 7, 24 + 5])
+@pytest.mark.parametrize("stop", [6, pytest.param(7, marks=pytest.mark.slow), pytest.param(24 + 5, marks=pytest.mark.slow)])
 def test_dali_resume_equals_an_unbroken_run(digits_shards, digits_config, stop):
     unbroken = build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True)
     full = take(unbroken.train) + take(unbroken.train)
@@ -219,6 +220,7 @@ for backend in sys.argv[2].split(","):
 """
 
 
+@pytest.mark.slow  # a subprocess each
 @pytest.mark.parametrize("order", ["dali,torch", "torch,dali"])
 @pytest.mark.timeout(300)
 def test_both_backends_in_one_process_in_either_order(digits_shards, digits_content, order):
@@ -231,6 +233,7 @@ def test_both_backends_in_one_process_in_either_order(digits_shards, digits_cont
     assert result.stdout.split("\n")[:2] == [f"{name} 24 5 {val}" for name in order.split(",")]
 
 
+@pytest.mark.slow  # spawned readers: an interpreter each
 @pytest.mark.timeout(300)
 def test_spawned_readers_give_the_forked_readers_batches(digits_shards, digits_config, monkeypatch):
     # after CUDA is initialised DALI must spawn its Python workers: the feeds travel pickled

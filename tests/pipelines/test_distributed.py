@@ -35,6 +35,7 @@ def run_ranks(shard_dir: Path, backend: str) -> list[dict]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_two_torch_ranks_read_disjoint_samples(digits_shards, digits_content):
     first, second = run_ranks(digits_shards, "torch")
@@ -52,6 +53,7 @@ def test_two_torch_ranks_read_disjoint_samples(digits_shards, digits_content):
     assert sorted(first["val"] + second["val"]) == sorted(digits_content["val"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_two_dali_ranks_split_the_epoch_and_val(digits_shards, digits_content):
     first, second = run_ranks(digits_shards, "dali")

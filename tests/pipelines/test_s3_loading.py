@@ -155,6 +155,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_workers_use_the_aws_settings_of_the_loader_not_the_forkserver(s3_env: str, pushed_digits: str):
     url = pushed_digits

@@ -37,6 +37,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("main", ["script", "module"])
 @pytest.mark.timeout(300)
 def test_forkserver_workers_find_the_main_module_run_once_in_the_server(digits_shards: Path, tmp_path: Path,
