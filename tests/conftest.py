@@ -18,7 +18,14 @@ from shard_tools.samples import write_photo_tree
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, each worker's torch (and every process it starts) gets its share of the
     cores: two workers of two OpenMP threads each on two cores spin against each other and run the
-    training tests several times slower than one thread each."""
+    training tests several times slower than one thread each.
+
+    `--dist loadgroup` needs a pytest below 9.2 (the test extra's pin): from 9.2 on pytest-xdist's
+    grouping does not take, silently, and every worker would build every session run."""
+    version = tuple(int(part) for part in pytest.__version__.split(".")[:2] if part.isdigit())
+    if config.getoption("dist", None) == "loadgroup" and version >= (9, 2):
+        raise pytest.UsageError(f"pytest {pytest.__version__} breaks pytest-xdist's --dist loadgroup: "
+                                "install the test extra's pytest (make setup)")
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return
