@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# DEMO_ARGS: python -m mt_scale.demo's flags, e.g. DEMO_ARGS="--jobs 1 --out runs/demo1"
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(PY) -m mt_scale.demo
+	$(PY) -m mt_scale.demo $(DEMO_ARGS)
 
 # Tests run in TEST_WORKERS processes (pytest-xdist; 0: in this one). Tests that read the same session
 # run (tests/conftest.py) are grouped on one worker, so each run is trained once.
