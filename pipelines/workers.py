@@ -84,8 +84,9 @@ def _start_forkserver() -> None:
     """Start the forkserver (a no-op while it runs) with the parent's main for _run_parent_main."""
     data = spawn.get_preparation_data("ignore")
     setting = json.dumps({"parent": os.getpid(), **{key: data[key] for key in _MAIN_KEYS if key in data}})
-    if len(setting) < 65536:  # below Linux's limit on one variable; past it, each worker runs the main itself
-        os.environ[_PARENT_MAIN] = setting
+    if len(setting) >= 65536:  # Linux's limit on one variable: each worker then runs the main itself
+        setting = json.dumps({"parent": os.getpid()})
+    os.environ[_PARENT_MAIN] = setting
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
@@ -93,7 +94,8 @@ def _start_forkserver() -> None:
 
 
 def _run_parent_main(setting: str) -> None:
-    """In the forkserver: what every worker would do first (sys.path, argv, main module), done once.
+    """In the forkserver: what every worker would do first (sys.path, argv, main module), done once, and
+    SIGTERM ignored.
 
     The workers then find the main module in place and skip it (multiprocessing.spawn.prepare). If
     the main module fails here, each worker runs it again and reports the failure as before.
@@ -101,6 +103,10 @@ def _run_parent_main(setting: str) -> None:
     data = json.loads(setting)
     if data.pop("parent") != os.getppid():
         return  # not the forkserver of the process that set it
+    # SIGTERM reaches the whole process group: the trainer handles it (a checkpoint at the next step) and
+    # reopens a loader whose workers it ended, from this forkserver, which must still be there. It ends
+    # with the trainer (end-of-file on its pipe); each worker restores the default (worker_start).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     process.current_process()._inheriting = True  # a main without the guard fails instead of recursing
     try:
         spawn.prepare(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from multiprocessing import process
@@ -64,16 +65,23 @@ def test_the_forkserver_hook_ignores_a_setting_from_another_process(tmp_path: Pa
     marker = tmp_path / "ran.txt"
     script = tmp_path / "other_main.py"
     script.write_text(f"open({str(marker)!r}, 'w').close()\n")
-    main_before = sys.modules["__main__"]
+    main_before, sigterm_before = sys.modules["__main__"], signal.getsignal(signal.SIGTERM)
     # the setting names a parent that is not this process's: a stale variable inherited by a grandchild
     workers._run_parent_main(json.dumps({"parent": os.getpid(), "init_main_from_path": str(script)}))
     assert not marker.exists() and sys.modules["__main__"] is main_before
+    assert signal.getsignal(signal.SIGTERM) == sigterm_before
 
 
 def test_a_main_module_that_fails_in_the_forkserver_leaves_it_running(tmp_path: Path) -> None:
     script = tmp_path / "failing_main.py"
     script.write_text("raise RuntimeError('only the workers report this')\n")
-    main_before = sys.modules["__main__"]
-    workers._run_parent_main(json.dumps({"parent": os.getppid(), "init_main_from_path": str(script)}))
+    main_before, sigterm_before = sys.modules["__main__"], signal.getsignal(signal.SIGTERM)
+    try:
+        workers._run_parent_main(json.dumps({"parent": os.getppid(), "init_main_from_path": str(script)}))
+        # the forkserver outlives the trainer's pre-emption signal, sent to the whole process group:
+        # the trainer reopens its loader from it after the signal ended the workers
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, sigterm_before)
     assert sys.modules["__main__"] is main_before  # the workers run it themselves and report the error
     assert not hasattr(process.current_process(), "_inheriting")
