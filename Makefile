@@ -22,9 +22,10 @@ demo: $(STAMP)
 	$(PY) -m mt_scale.demo $(DEMO_ARGS)
 
 # Tests run in TEST_WORKERS processes (pytest-xdist; 0: in this one). Tests that read the same session
-# run (tests/conftest.py) are grouped on one worker, so each run is trained once.
+# run (tests/conftest.py) are grouped on one worker, so each run is trained once. The ten slowest tests
+# are listed at the end.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=10
 
 test: $(STAMP)
 	$(PYTEST)
