@@ -12,6 +12,7 @@ with `device_id=None` (correctness only).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -114,6 +115,10 @@ def build_pipelines(feeds: Sequence[Callable], specs: Sequence[AugmentSpec], bat
     global pipelines_built, _forking_readers
     threads = threads or max(1, len(os.sched_getaffinity(0)) // max(len(feeds), 1))
     method = start_method()
+    if method == "fork" and pipelines_built:
+        # pipelines dropped but not yet collected (a reference cycle) still run their native threads,
+        # perhaps prefetching: end them before forking, so the fewest threads are busy at the fork
+        gc.collect()
     pipes = [feed_pipeline(feed, specs, batch_size, threads=threads, device_id=device_id, start_method=method)
              for feed in feeds]
     pipelines_built = True  # DALI's native threads live here now: no plain fork (pipelines.workers)

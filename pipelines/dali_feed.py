@@ -37,6 +37,19 @@ TRAIN_META = ("epoch", "worker", "index", "skipped", "labeled_position", "unlabe
 VAL_META = ("index", "skipped", "valid_rows", "last")
 
 
+def _libc_prctl():
+    """prctl from the C library, looked up once here: a forked reader must not dlopen (a thread of the
+    parent may have held the loader's lock at the fork, and the child would wait on it forever)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+_PRCTL = _libc_prctl()
+
+
 def settle_reader(parent: int, from_main_thread: bool) -> None:
     """In a reader process (forked or spawned by DALI): outlive mt-train's pre-emption signal, not the trainer.
 
@@ -48,9 +61,8 @@ def settle_reader(parent: int, from_main_thread: bool) -> None:
     """
     with contextlib.suppress(ValueError):  # signal.signal works in the main thread only
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if from_main_thread and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if from_main_thread and _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the trainer was already gone
             os._exit(0)
 
