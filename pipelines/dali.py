@@ -17,6 +17,7 @@ import math
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -40,6 +41,7 @@ from shard_tools import storage
 from shard_tools.format import TRAIN_UNLABELED
 
 pipelines_built = False  # set once this process has built a DALI pipeline (pipelines.workers reads it)
+_live_pipelines: weakref.WeakSet = weakref.WeakSet()  # every pipeline built here that still exists
 # while this process forks the readers: its pid and whether the main thread forks them
 _forking_readers: tuple[int, bool] | None = None
 
@@ -115,13 +117,18 @@ def build_pipelines(feeds: Sequence[Callable], specs: Sequence[AugmentSpec], bat
     global pipelines_built, _forking_readers
     threads = threads or max(1, len(os.sched_getaffinity(0)) // max(len(feeds), 1))
     method = start_method()
-    if method == "fork" and pipelines_built:
-        # pipelines dropped but not yet collected (a reference cycle) still run their native threads,
-        # perhaps prefetching: end them before forking, so the fewest threads are busy at the fork
+    if method == "fork" and _live_pipelines:
+        # DALI forks its Python workers safely only while no pipeline runs here: another pipeline's
+        # native threads (prefetching, say) may hold a lock at the fork that the child then waits on
+        # forever. Pipelines dropped but not yet collected go first; if one still lives (val beside
+        # train, two loaders at once), the new workers are spawned.
         gc.collect()
+        if len(_live_pipelines):
+            method = "spawn"
     pipes = [feed_pipeline(feed, specs, batch_size, threads=threads, device_id=device_id, start_method=method)
              for feed in feeds]
     pipelines_built = True  # DALI's native threads live here now: no plain fork (pipelines.workers)
+    _live_pipelines.update(pipes)
     try:
         _forking_readers = reader_parent()
         try:
