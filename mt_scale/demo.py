@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import shutil
 import sys
 import time
@@ -72,7 +71,9 @@ def run_config(method: str, seed: int, shards: Path, out_dir: Path, overrides: S
 def demo_jobs(jobs: int | None, runs: int) -> int:
     """How many runs train at once: `jobs`, or one per core this process may use; at most `runs`."""
     if jobs is None:
-        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from shard_tools.pack import default_workers
+
+        jobs = default_workers()
     return max(1, min(jobs, runs))
 
 

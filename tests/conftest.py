@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from shard_tools.pack import pack
+from shard_tools.pack import default_workers, pack
 from shard_tools.samples import write_photo_tree
 
 
@@ -29,8 +29,7 @@ def pytest_configure(config: pytest.Config) -> None:
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // int(workers))
+    threads = max(1, default_workers() // int(workers))
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 

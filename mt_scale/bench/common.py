@@ -35,10 +35,9 @@ LIBRARIES = (
 
 def usable_cores() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    from shard_tools.pack import default_workers
+
+    return default_workers()
 
 
 def figure(name: str, unit: str, values: list[float], **detail: object) -> dict:
