@@ -6,12 +6,10 @@ backends only apply them (OpenCV in the torch backend; the DALI graph builds the
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -240,25 +238,3 @@ def hue_matrix(turns: float) -> np.ndarray:
     cos, sin = math.cos(theta), math.sin(theta)
     rotate = np.array([[1.0, 0, 0], [0, cos, sin], [0, -sin, cos]])  # DALI's hsv/color_twist sign
     return _YIQ_INV @ rotate @ _YIQ
-
-
-# ---------------------------------------------------------------- on the training device
-
-
-@functools.lru_cache(maxsize=32)
-def _normalize_constants(device: torch.device, dtype: torch.dtype, mean: tuple, std: tuple) -> tuple:
-    """normalize's per-channel scale and shift, copied to the device once: a copy from the host each
-    call would make every training step wait for the device (and cannot be captured in a CUDA graph)."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device, dtype=dtype).view(1, 3, 1, 1)
-    return scale, shift
-
-
-def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
-              channels_last: bool = False) -> torch.Tensor:
-    """uint8 N,3,H,W (0..255) -> (x/255 - mean)/std in `dtype`, as ONE kernel on the images' device."""
-    device = images.device
-    scale, shift = _normalize_constants(device, dtype, tuple(mean), tuple(std))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(images.shape, dtype=dtype, device=device, memory_format=fmt)
-    return torch.addcmul(shift, images, scale, out=out)

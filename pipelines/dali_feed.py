@@ -1,7 +1,7 @@
 """What the DALI backend's Python workers feed its graph: the torch backend's draws, as encoded bytes.
 
 Reader k of K on a rank reads exactly the samples, in exactly the order, that the torch backend's
-DataLoader worker k reads (`pipelines.reading` through `torch_loader.Draws`: one span per shard, the
+DataLoader worker k reads (`pipelines.reading` through `rendering.Draws`: one span per shard, the
 same seeded order, shuffle, per-rank split and skip rule), and draws each view's parameters with the
 same generator (`draw_rng(seed, position)`) and the same functions (`pipelines.augment`). The DALI
 graph only decodes and applies them, so both backends give the same batches, and a resumed run needs
@@ -27,7 +27,7 @@ import numpy as np
 from pipelines.augment import AugmentSpec, colour_matrix, geometry_matrix, sample_colour, sample_geometry
 from pipelines.mixing import draw_rng, reader_range, reads_whole_split
 from pipelines.reading import Split, draws
-from pipelines.torch_loader import UNUSABLE, Draws, jpeg_size
+from pipelines.rendering import UNUSABLE, Draws, jpeg_size
 from shard_tools import storage
 from shard_tools.format import DEFAULT_MAX_PIXELS
 

@@ -1,4 +1,5 @@
-"""`build_loaders` and the main-process loader objects (epoch length, resume position, rank padding).
+"""`build_loaders`, the main-process loader objects (epoch length, resume position, rank padding) and
+`normalize` (a uint8 batch to the model's input on its device).
 
 Backends sit behind one contract: a function in BACKEND_BUILDERS taking a LoaderRequest and returning
 (TrainLoader, ValLoader). "auto" is DALI on the GPU when CUDA and DALI are both present, else the
@@ -7,6 +8,7 @@ PyTorch backend (on a CPU, DALI's operators measure several times slower; see do
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -228,3 +230,22 @@ def build_loaders(shard_dir: str | Path, cfg: DataConfig, rank: int = 0, world_s
         )
     return Loaders(train=train, val=val_loader, num_classes=manifest.num_classes,
                    class_names=list(manifest.classes), backend=chosen)
+
+
+@functools.lru_cache(maxsize=32)
+def _normalize_constants(device: torch.device, dtype: torch.dtype, mean: tuple, std: tuple) -> tuple:
+    """normalize's per-channel scale and shift, copied to the device once: a copy from the host each
+    call would make every training step wait for the device (and cannot be captured in a CUDA graph)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device, dtype=dtype).view(1, 3, 1, 1)
+    return scale, shift
+
+
+def normalize(images: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
+              channels_last: bool = False) -> torch.Tensor:
+    """uint8 N,3,H,W (0..255) -> (x/255 - mean)/std in `dtype`, as ONE kernel on the images' device."""
+    device = images.device
+    scale, shift = _normalize_constants(device, dtype, tuple(mean), tuple(std))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(images.shape, dtype=dtype, device=device, memory_format=fmt)
+    return torch.addcmul(shift, images, scale, out=out)

@@ -1,4 +1,4 @@
-"""Who reads which samples, how long an epoch is, and how batches are composed: the rules of both backends.
+"""Who reads which samples, how long an epoch is, and what a batch holds: the rules of both backends.
 
 - Reading is by sample. A split's samples are its shards' samples concatenated in manifest order.
   Part p of P parts of N samples is [p*N//P, (p+1)*N//P) (`sample_range`, DALI's own sharding rule):
@@ -26,7 +26,6 @@ import zlib
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 
 def _words(parts: Sequence[int | str]) -> list[int]:
@@ -88,18 +87,3 @@ def resume_skips(state: dict, quotas: Sequence[int], world_size: int, workers: i
 def same_topology(state: dict, world_size: int, workers: int) -> bool:
     return (state.get("world_size") == world_size and state.get("workers") == workers
             and len(state.get("worker_batches", [])) == workers)
-
-
-def compose_batch(
-    labeled: dict[str, torch.Tensor] | None, unlabeled: dict[str, torch.Tensor] | None
-) -> dict[str, torch.Tensor]:
-    """Stack L labeled rows over U unlabeled rows; unlabeled labels become -1 whatever the shard said."""
-    parts = [p for p in (labeled, unlabeled) if p is not None and len(p["label"])]
-    if unlabeled is not None:
-        unlabeled["label"] = torch.full_like(unlabeled["label"], -1)
-    if len(parts) == 1:
-        return dict(parts[0])
-    batch = {k: torch.cat([p[k] for p in parts]) for k in ("student", "teacher", "label")}
-    if all("key" in p for p in parts):
-        batch["key"] = [key for p in parts for key in p["key"]]
-    return batch

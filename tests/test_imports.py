@@ -10,6 +10,9 @@ them outright: `from pipelines import X` inside pipelines needs pipelines' `__in
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,11 @@ def imported_names(module: str, tree: ast.AST) -> list[tuple[str, str, int]]:
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"  # `from package import submodule`
                 found.append((submodule if submodule in MODULES else base, alias.name, node.lineno))
+        elif is_package and isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets):
+            # a package's lazy re-exports (name -> module, imported on first use) are imports too
+            found.extend((value.value, key.value, node.lineno)
+                         for key, value in zip(node.value.keys, node.value.values, strict=True))
     return found
 
 
@@ -134,6 +142,19 @@ def test_the_graph_sees_late_and_type_checking_imports() -> None:
     source = "def f():\n    from mt_scale import train\nif TYPE_CHECKING:\n    from pipelines import Loaders\n"
     names = [name for name, _, _ in imported_names("mt_scale.cli", ast.parse(source))]
     assert names == ["mt_scale.train", "pipelines"]
+    exports = imported_names("pipelines", ast.parse(MODULES["pipelines"].read_text()))
+    assert ("pipelines.loaders", "build_loaders") in [(module, name) for module, name, _ in exports]
+
+
+def test_the_package_re_exports_resolve_and_a_dali_reader_runs_without_torch() -> None:
+    import pipelines
+
+    for name in pipelines.__all__:
+        assert getattr(pipelines, name) is getattr(importlib.import_module(pipelines._EXPORTS[name]), name)
+    # a DALI reader process imports its feed module only: no torch (1.5 s and hundreds of MB per reader)
+    probe = "import sys, pipelines.dali_feed; print('torch' in sys.modules, 'pipelines.loaders' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == ["False", "False"]
 
 
 def test_no_import_cycle_in_the_three_packages() -> None:

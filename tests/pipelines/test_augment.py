@@ -26,7 +26,7 @@ from pipelines.augment import (
     sample_geometry,
 )
 from pipelines.errors import PipelineError
-from pipelines.torch_loader import jpeg_size, render_views
+from pipelines.rendering import jpeg_size, render_views
 
 
 def apply(matrix: np.ndarray, x: float, y: float) -> tuple[float, float]:

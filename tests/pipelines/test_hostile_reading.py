@@ -13,7 +13,7 @@ import pytest
 from pipelines.augment import AUGMENT_PRESETS
 from pipelines.errors import PipelineError
 from pipelines.reading import draws, open_set
-from pipelines.torch_loader import render_views
+from pipelines.rendering import render_views
 from shard_tools.format import TRAIN_LABELED, index_name
 
 
@@ -128,8 +128,8 @@ def test_images_over_the_pixel_cap_are_skipped_from_their_header(set_copy: Path,
 
     import cv2
 
-    import pipelines.torch_loader as torch_loader
-    from pipelines.torch_loader import Draws
+    import pipelines.rendering as rendering
+    from pipelines.rendering import Draws
 
     shard = _first_labeled_shard(set_copy)
     with tarfile.open(shard) as tar:
@@ -145,7 +145,7 @@ def test_images_over_the_pixel_cap_are_skipped_from_their_header(set_copy: Path,
         decoded.append(len(buffer))
         return real(buffer, flags)
 
-    monkeypatch.setattr(torch_loader.cv2, "imdecode", imdecode)
+    monkeypatch.setattr(rendering.cv2, "imdecode", imdecode)
     _, splits = open_set(str(set_copy))
     split = splits[TRAIN_LABELED]
     spec = AUGMENT_PRESETS["digits-train"]

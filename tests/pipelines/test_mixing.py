@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from pipelines.mixing import (
     batches_per_epoch,
-    compose_batch,
     draw_rng,
     reader_range,
     reads_whole_split,
@@ -50,17 +47,6 @@ def test_resume_skips_exact_with_same_topology_else_fractional():
     state = {"worker_batches": [3, 2], "world_size": 1, "workers": 2, "batches_per_epoch": 10}
     assert resume_skips(state, [5, 5], 1, 2) == [3, 2]
     assert resume_skips(state, [8, 8, 8, 8], 1, 4) == [4, 4, 4, 4]  # half the epoch done
-
-
-def test_compose_batch_puts_labeled_first_and_masks_unlabeled_labels():
-    labeled = {"student": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "teacher": torch.zeros(2, 3, 4, 4, dtype=torch.uint8),
-               "label": torch.tensor([3, 7])}
-    unlabeled = {"student": torch.ones(3, 3, 4, 4, dtype=torch.uint8), "teacher": torch.ones(3, 3, 4, 4, dtype=torch.uint8),
-                 "label": torch.tensor([5, 5, 5])}
-    batch = compose_batch(labeled, unlabeled)
-    assert batch["label"].tolist() == [3, 7, -1, -1, -1]
-    assert batch["student"][:2].sum() == 0 and bool((batch["student"][2:] == 1).all())
-    assert compose_batch(labeled, None)["label"].tolist() == [3, 7]
 
 
 def test_seed_for_is_stable_and_distinct():
