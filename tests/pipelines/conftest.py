@@ -36,7 +36,7 @@ def _digits_config(**overrides) -> DataConfig:
     return DataConfig(**values)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def digits_config():
     """DataConfig factory for the digits set: 16 labeled + 48 unlabeled rows, 2 workers, unless overridden."""
     return _digits_config

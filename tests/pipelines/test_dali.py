@@ -45,13 +45,23 @@ def assert_views_close(torch_batches: list[dict], dali_batches: list[dict]) -> N
             assert difference.mean() < 0.05 and difference.max() <= 2, (name, ours["key"][:2])
 
 
-@pytest.mark.timeout(300)
-def test_dali_batches_hold_labeled_then_unlabeled_rows(digits_shards, digits_content, digits_config):
+@pytest.fixture(scope="module")
+def dali_run(digits_shards, digits_config) -> dict:
+    """The default digits loaders' first two DALI epochs, read once for the tests that compare with them."""
     loaders = build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True)
+    first = take(loaders.train)
+    run = {"backend": loaders.backend, "length": len(loaders.train), "epoch": loaders.train.epoch,
+           "skipped": loaders.train.skipped, "first": first, "both": first + take(loaders.train)}
+    del loaders  # its readers go: the next loaders built here fork theirs rather than spawn them
+    return run
+
+
+@pytest.mark.timeout(300)
+def test_dali_batches_hold_labeled_then_unlabeled_rows(dali_run, digits_content):
     # two readers, as the torch backend's two workers: 604 unlabeled samples each, 12 batches of 48
-    assert loaders.backend == "dali" and len(loaders.train) == 24
+    assert dali_run["backend"] == "dali" and dali_run["length"] == 24
     labeled, unlabeled = digits_content["train-labeled"], digits_content["train-unlabeled"]
-    batches = take(loaders.train)
+    batches = dali_run["first"]
     for batch in batches:
         keys = batch["key"]
         assert batch["student"].shape == batch["teacher"].shape == (64, 3, 32, 32)
@@ -62,7 +72,7 @@ def test_dali_batches_hold_labeled_then_unlabeled_rows(digits_shards, digits_con
         assert sum(not torch.equal(s, t) for s, t in zip(batch["student"], batch["teacher"], strict=True)) >= 60
     seen = [k for b in batches for k in b["key"][16:]]
     assert len(seen) == len(set(seen)) == 24 * 48  # each reader leaves out its last partial batch only
-    assert loaders.train.epoch == 1 and loaders.train.skipped == 0
+    assert dali_run["epoch"] == 1 and dali_run["skipped"] == 0
 
 
 @pytest.mark.timeout(300)
@@ -92,25 +102,29 @@ def test_dali_gives_the_torch_backend_batches(digits_shards, digits_config, rank
 
 @pytest.mark.timeout(300)
 def test_two_dali_ranks_cover_the_epoch_once(digits_shards, digits_content, digits_config):
-    ranks = [build_loaders(digits_shards, digits_config(), rank=r, world_size=2, backend="dali", with_keys=True)
-             for r in range(2)]
-    unlabeled = [[k for b in take(loaders.train) for k in b["key"][16:]] for loaders in ranks]
-    assert len(ranks[0].train) == len(ranks[1].train) == 2 * (302 // 48)  # 604 per rank, 302 per reader
+    lengths, unlabeled, val = [], [], []
+    for rank in range(2):  # one rank after the other, as two processes would read
+        loaders = build_loaders(digits_shards, digits_config(), rank=rank, world_size=2, backend="dali",
+                                with_keys=True)
+        lengths.append(len(loaders.train))
+        unlabeled.append([k for b in take(loaders.train) for k in b["key"][16:]])
+        val.append([k for b in take(loaders.val) for k in b["key"]])
+        del loaders
+    assert lengths == [2 * (302 // 48)] * 2  # 604 per rank, 302 per reader
     assert not set(unlabeled[0]) & set(unlabeled[1])
     assert len(set(unlabeled[0] + unlabeled[1])) == 2 * 12 * 48
     assert len(digits_content["train-unlabeled"]) - 2 * 12 * 48 == 4 * (302 % 48)  # partial batches only
-    val = [[k for b in take(loaders.val) for k in b["key"]] for loaders in ranks]
     assert sorted(val[0] + val[1]) == sorted(digits_content["val"])
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stop", [6, pytest.param(7, marks=pytest.mark.slow), pytest.param(24 + 5, marks=pytest.mark.slow)])
-def test_dali_resume_equals_an_unbroken_run(digits_shards, digits_config, stop):
-    unbroken = build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True)
-    full = take(unbroken.train) + take(unbroken.train)
+def test_dali_resume_equals_an_unbroken_run(dali_run, digits_shards, digits_config, stop):
+    full = dali_run["both"]
     loaders = build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True)
     head = take(loaders.train, stop) if stop < 24 else take(loaders.train) + take(loaders.train, stop - 24)
     state = loaders.state_dict()
+    del loaders  # stopped, as a pre-empted run is
     resumed = build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True)
     resumed.load_state_dict(state)
     tail = take(resumed.train)
@@ -244,10 +258,10 @@ def test_spawned_readers_give_the_forked_readers_batches(digits_shards, digits_c
 
 
 @pytest.mark.timeout(300)
-def test_readers_outlive_a_preemption_signal_and_end_with_their_pipelines(digits_shards, digits_config):
+def test_readers_outlive_a_preemption_signal_and_end_with_their_pipelines(dali_run, digits_shards, digits_config):
     # SIGTERM reaches the whole process group: mt-train handles it (a flag, then a checkpoint), and the
     # readers go on, so the epoch is the unbroken one; closing the pipelines ends them
-    full = take(build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True).train)
+    full = dali_run["first"]
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         before = set(multiprocessing.active_children())

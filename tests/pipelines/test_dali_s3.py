@@ -53,9 +53,12 @@ def test_dali_reads_the_s3_set_like_the_local_copy_and_resumes(s3_env: str, digi
     local = build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True)
     full, full_val = take(local.train), take(local.val)
     remote = build_loaders(url, digits_config(), backend="dali", with_keys=True)
+    del local
     head = take(remote.train, 6)
+    state = remote.state_dict()
+    del remote  # stopped, as a pre-empted run is
     resumed = build_loaders(url, digits_config(), backend="dali", with_keys=True)
-    resumed.load_state_dict(remote.state_dict())
+    resumed.load_state_dict(state)
     tail = take(resumed.train)
     assert_same_batches(head + tail, full, ("student", "teacher"))  # keys, labels and views, in order
     assert_same_batches(take(resumed.val), full_val, ("image", "valid"))
