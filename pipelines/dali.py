@@ -12,11 +12,14 @@ with `device_id=None` (correctness only).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
 import re
+import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 
@@ -105,6 +108,26 @@ def start_method() -> str:
     return "spawn" if backend.IsDriverInitialized() or torch.cuda.is_initialized() else "fork"
 
 
+@contextlib.contextmanager
+def main_module_hidden() -> Iterator[None]:
+    """While DALI spawns readers: this process's main module hidden from multiprocessing, so a spawned
+    reader does not run it again.
+
+    A reader needs `pipelines.dali_feed` only (its feed arrives pickled by reference to that module). A
+    spawned child otherwise imports the parent's main module first: under mt-train, torch, timm and
+    Accelerate, seconds and hundreds of MB in every reader of every rank.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, no __spec__: nothing to re-run
+    try:
+        yield
+    finally:
+        if main is None:
+            del sys.modules["__main__"]
+        else:
+            sys.modules["__main__"] = main
+
+
 def reader_parent() -> tuple[int, bool]:
     """This process's pid and whether this is its main thread: what a reader started now settles with."""
     return os.getpid(), threading.current_thread() is threading.main_thread()
@@ -132,8 +155,9 @@ def build_pipelines(feeds: Sequence[Callable], specs: Sequence[AugmentSpec], bat
     try:
         _forking_readers = reader_parent()
         try:
-            for pipe in pipes:
-                pipe.start_py_workers()
+            with main_module_hidden() if method == "spawn" else contextlib.nullcontext():
+                for pipe in pipes:
+                    pipe.start_py_workers()
         finally:
             _forking_readers = None
         for pipe in pipes:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -249,12 +250,20 @@ def test_both_backends_in_one_process_in_either_order(digits_shards, digits_cont
 
 @pytest.mark.slow  # spawned readers: an interpreter each
 @pytest.mark.timeout(300)
-def test_spawned_readers_give_the_forked_readers_batches(digits_shards, digits_config, monkeypatch):
+def test_spawned_readers_give_the_forked_readers_batches(digits_shards, digits_config, monkeypatch, tmp_path):
     # after CUDA is initialised DALI must spawn its Python workers: the feeds travel pickled
     forked = take(build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True).train, 3)
     monkeypatch.setattr("pipelines.dali.start_method", lambda: "spawn")
+    # a trainer's main script, which a spawned child would run again (mt-train's imports torch and timm)
+    marker = tmp_path / "main-ran"
+    script = tmp_path / "trainer.py"
+    script.write_text(f"open({str(marker)!r}, 'a').write('ran\\n')\n")
+    trainer = types.ModuleType("__main__")
+    trainer.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", trainer)
     spawned = take(build_loaders(digits_shards, digits_config(), backend="dali", with_keys=True).train, 3)
     assert_same_views(forked, spawned)
+    assert not marker.exists()  # the readers started without running it
 
 
 @pytest.mark.timeout(300)
