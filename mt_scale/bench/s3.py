@@ -104,10 +104,10 @@ def bench_s3_source(tree: Path, work_dir: Path, repeats: int, batch_size: int = 
     from pipelines import build_loaders, resolve_backend
     from pipelines.config import DataConfig
     from shard_tools import s3
-    from shard_tools.pack import pack
+    from shard_tools.pack import default_workers, pack
     from shard_tools.push import push
 
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or default_workers()
     shard_dir = work_dir / "s3-bench-shards"
     shutil.rmtree(shard_dir, ignore_errors=True)
     has_val = (tree / "train").is_dir() and (tree / "val").is_dir()
